@@ -1,0 +1,95 @@
+"""Shared fixtures: a local Ray cluster on 127.0.0.1 that the tests stop themselves, and images."""
+from __future__ import annotations
+
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def make_image(width: int = 96, height: int = 72, seed: int = 0, mode: str = "RGB") -> Image.Image:
+    """A smooth random colour field: compresses like a photo, differs per seed."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 256, size=(4, 4, 3), dtype=np.uint8)
+    image = Image.fromarray(coarse, "RGB").resize((width, height), Image.BICUBIC)
+    return image.convert(mode) if mode != "RGB" else image
+
+
+def image_bytes(width: int = 96, height: int = 72, seed: int = 0, fmt: str = "JPEG", mode: str = "RGB") -> bytes:
+    buffer = io.BytesIO()
+    make_image(width, height, seed, mode).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory):
+    """`ray start --head --block` on 127.0.0.1 with the dashboard (for `ray job submit`).
+
+    The venv's bin is first on the cluster's PATH, so a job entrypoint `python ...` runs the
+    project's interpreter.
+
+    Yields {"address": GCS address, "dashboard": http URL}. --block keeps `ray start` in the
+    foreground as the parent of the cluster's processes; stopping it by pid (SIGTERM to its
+    process group) takes the whole cluster down.
+    """
+    gcs_port, dashboard_port = free_port(), free_port()
+    log = open(tmp_path_factory.mktemp("ray") / "ray_start.log", "w")
+    process = subprocess.Popen(
+        [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+         f"--port={gcs_port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
+         "--include-dashboard=true", "--num-cpus=2", "--disable-usage-stats"],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0",
+             "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"},
+    )
+    dashboard = f"http://127.0.0.1:{dashboard_port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"{dashboard}/api/version", timeout=2).read()
+            break
+        except OSError:
+            if process.poll() is not None or time.time() > deadline:
+                os.killpg(process.pid, signal.SIGTERM)
+                raise RuntimeError(f"ray start failed; see {log.name}")
+            time.sleep(1)
+    try:
+        yield {"address": f"127.0.0.1:{gcs_port}", "dashboard": dashboard}
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        log.close()
+
+
+@pytest.fixture
+def ray_connected(ray_cluster):
+    """This test process connected to the session's cluster as a driver."""
+    import ray
+
+    ray.init(address=ray_cluster["address"], log_to_driver=False)
+    try:
+        yield ray_cluster
+    finally:
+        ray.shutdown()
