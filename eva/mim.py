@@ -1,0 +1,60 @@
+"""The MIM model: backbone with a learned mask token, and a linear head to the teacher's feature dim.
+
+BEiT-style, as EVA-01: masked patch embeddings are replaced by the mask token, every token goes
+through every block, and the head predicts teacher features for the masked tokens only.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from eva.vit import VisionTransformer, create_vit, init_trunc_normal_
+
+
+class MIMModel(nn.Module):
+    def __init__(self, backbone: VisionTransformer, target_dim: int):
+        super().__init__()
+        self.backbone = backbone
+        self.target_dim = target_dim
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, backbone.embed_dim))
+        self.head = nn.Linear(backbone.embed_dim, target_dim)
+        with torch.no_grad():
+            init_trunc_normal_(self.mask_token)
+            init_trunc_normal_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+
+    def forward(self, images: Tensor, mask: Tensor) -> Tensor:
+        """[B, 3, H, W] images, [B, N] bool mask -> [M, target_dim] predictions, M = mask.sum().
+
+        Rows follow `tensor[mask]` order (row-major), so `loss(pred, targets[mask])` pairs them up
+        whatever the number of masked patches per image.
+        """
+        x = self.backbone.forward_features(images, mask, self.mask_token)  # [B, 1+N, D]
+        x = x[:, 1:][mask]  # [M, D]: cls dropped, masked tokens only
+        return self.head(x)  # [M, target_dim]
+
+    def no_weight_decay(self) -> set[str]:
+        return {f"backbone.{name}" for name in self.backbone.no_weight_decay()} | {"mask_token"}
+
+
+def create_mim_model(variant: str, target_dim: int, **overrides) -> MIMModel:
+    """MIMModel around a named backbone variant (see eva.vit.VARIANTS), with backbone overrides."""
+    return MIMModel(create_vit(variant, **overrides), target_dim)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: weight decay on weight matrices only; none on the model's `no_weight_decay()`
+    names (position embedding, cls and mask tokens), biases and other 1-d parameters (norms)."""
+    skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if name in skip or name.endswith(".bias") or param.ndim <= 1:
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]

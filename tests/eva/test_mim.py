@@ -1,0 +1,110 @@
+"""The MIM wrapper (mask token, head on masked tokens), its parameter groups, and the loss."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from eva.loss import negative_cosine_loss
+from eva.masking import BlockMaskGenerator
+from eva.mim import MIMModel, create_mim_model, param_groups
+
+TARGET_DIM = 32
+
+
+def block_masks(batch: int, seed: int = 0) -> torch.Tensor:
+    """[B, 64] bool masks for the tiny 8x8 grid, with varying counts per image."""
+    generator = BlockMaskGenerator(grid=(8, 8), num_masking_patches=26, min_num_patches=4)
+    rng = np.random.default_rng(seed)
+    return torch.from_numpy(np.stack([generator(rng).reshape(-1) for _ in range(batch)]))
+
+
+@pytest.fixture
+def model() -> MIMModel:
+    torch.manual_seed(0)
+    return create_mim_model("tiny", TARGET_DIM).eval()
+
+
+def test_forward_returns_masked_tokens_in_boolean_index_order(model):
+    images = torch.randn(4, 3, 64, 64)
+    mask = block_masks(4)
+    mask[0, :] = False
+    mask[0, :3] = True  # counts differ per image
+    assert len(set(mask.sum(1).tolist())) > 1
+    pred = model(images, mask)
+    assert pred.shape == (int(mask.sum()), TARGET_DIM)
+    # image by image, concatenated: the rows of tensor[mask]
+    one_by_one = torch.cat([model(images[i : i + 1], mask[i : i + 1]) for i in range(4)])
+    torch.testing.assert_close(pred, one_by_one, atol=1e-5, rtol=1e-5)
+
+
+def test_pixels_inside_masked_patches_do_not_matter(model):
+    images = torch.randn(2, 3, 64, 64)
+    mask = block_masks(2, seed=1)
+    pixel_mask = mask.reshape(2, 1, 8, 8).repeat_interleave(8, 2).repeat_interleave(8, 3)  # [B, 1, 64, 64]
+    changed = torch.where(pixel_mask, 1e3 * torch.randn_like(images), images)
+    tokens = model.backbone.forward_features(images, mask, model.mask_token)
+    assert torch.equal(tokens, model.backbone.forward_features(changed, mask, model.mask_token))
+    assert torch.equal(model(images, mask), model(changed, mask))
+    # ... while the visible pixels do
+    visible_changed = torch.where(pixel_mask, images, images + 1)
+    assert not torch.allclose(model(images, mask), model(visible_changed, mask))
+
+
+def test_training_step_reaches_every_parameter(model):
+    model.train()
+    images, mask = torch.randn(2, 3, 64, 64), block_masks(2)
+    targets = torch.randn(2, 64, TARGET_DIM)
+    loss = negative_cosine_loss(model(images, mask), targets[mask])
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+def test_init_of_mask_token_and_head(model):
+    assert model.mask_token.shape == (1, 1, 96)
+    for p in (model.mask_token, model.head.weight):
+        assert 0 < p.abs().max() <= 0.015
+    assert torch.all(model.head.bias == 0)
+
+
+def test_eva_g_mim_parameter_count_on_meta_device():
+    with torch.device("meta"):
+        model = create_mim_model("giant", 768)
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 1_012_229_632
+
+
+def test_param_groups_exempt_embeddings_tokens_biases_and_norms(model):
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay, no_decay = param_groups(model, weight_decay=0.05)
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.05, 0.0)
+    decayed = {names[id(p)] for p in decay["params"]}
+    exempt = {names[id(p)] for p in no_decay["params"]}
+    assert decayed.isdisjoint(exempt) and decayed | exempt == set(names.values())
+    assert model.no_weight_decay() == {"backbone.pos_embed", "backbone.cls_token", "mask_token"}
+    assert model.no_weight_decay() <= exempt
+    assert {"blocks.0.attn.q_bias", "blocks.0.norm1.weight", "norm.bias"} <= {n.removeprefix("backbone.") for n in exempt}
+    assert all(n.endswith(".weight") and "norm" not in n for n in decayed)
+    assert {"head.weight", "backbone.patch_embed.proj.weight", "backbone.blocks.3.mlp.fc2.weight"} <= decayed
+    torch.optim.AdamW(param_groups(model, 0.05), lr=1e-3, betas=(0.9, 0.98), eps=1e-6)
+
+
+def test_loss_is_negative_cosine_in_fp32():
+    pred = torch.randn(10, 16)
+    assert negative_cosine_loss(pred, pred).item() == pytest.approx(-1.0)
+    assert negative_cosine_loss(pred, -3 * pred).item() == pytest.approx(1.0)
+    orthogonal = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    assert negative_cosine_loss(orthogonal, orthogonal.flip(1)).item() == pytest.approx(0.0, abs=1e-6)
+    # mean over rows: one identical row, one opposite row
+    mixed = negative_cosine_loss(torch.tensor([[1.0, 1.0], [1.0, 0.0]]), torch.tensor([[2.0, 2.0], [-1.0, 0.0]]))
+    assert mixed.item() == pytest.approx(0.0, abs=1e-6)
+    half = negative_cosine_loss(pred.half(), pred.bfloat16())
+    assert half.dtype == torch.float32 and half.item() == pytest.approx(-1.0, abs=1e-2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert negative_cosine_loss(pred, pred).dtype == torch.float32
+
+
+def test_loss_rejects_mismatched_or_empty_inputs():
+    with pytest.raises(ValueError, match=r"\[10, 16\] and \[10, 8\]"):
+        negative_cosine_loss(torch.randn(10, 16), torch.randn(10, 8))
+    with pytest.raises(ValueError, match="M = 0"):
+        negative_cosine_loss(torch.randn(0, 16), torch.randn(0, 16))
