@@ -88,6 +88,29 @@ def shard_summary(directory: Path) -> dict:
             "duplicates": len(read_duplicates(directory))}
 
 
+def initial_masked_cosine(meta: dict, heldout: Path, samples: int, seed: int, mean, std) -> dict:
+    """The masked cosine before training: the same architecture at EVA's random init (step 0)."""
+    import torch
+
+    from eva.evaluate import masked_feature_cosine
+    from eva.mim import MIMModel
+    from eva.vit import VisionTransformer
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = MIMModel(VisionTransformer(**meta["model_kwargs"]), meta["target_dim"])
+    return {"step": 0, **masked_feature_cosine(model, heldout, max_samples=samples, mean=mean, std=std)}
+
+
+def stage_rate(directory: Path) -> float | None:
+    """Images per second of shard-task time, from the shards' own stats (start-up excluded)."""
+    from shards.reader import completed_shards, read_stats
+
+    stats = [read_stats(directory, i) for i in completed_shards(directory)]
+    seconds = sum(s.get("seconds", 0) for s in stats)
+    return sum(s["count"] for s in stats) / seconds if seconds else None
+
+
 def evaluate_models(run_dir: Path, digits: Path, variant: str) -> list[dict]:
     from eva.evaluate import checkpoint_encoder, evaluate, random_init_encoder, teacher_encoder
 
@@ -120,21 +143,22 @@ def write_report(out: Path, facts: dict) -> Path:
         "",
         "## Stages",
         "",
-        "| stage | command | rows in | stored | failures | duplicates | wall s | images/s |",
+        "| stage | command | rows in | stored | failures | duplicates | wall s | images/s per shard task |",
         "| --- | --- | ---: | ---: | --- | ---: | ---: | ---: |",
     ]
     for stage in stages:
         summary = stage.get("summary", {})
         failures = ", ".join(f"{k}: {v}" for k, v in sorted(summary.get("failures", {}).items())) or "none"
         stored = summary.get("stored")
-        rate = f"{stored / stage['seconds']:.1f}" if stored else "-"
+        rate = f"{stage['rate']:.0f}" if stage.get("rate") else "-"
         lines.append(f"| {stage['name']} | `{stage['command']}` | {summary.get('rows', '-')} | {stored if stored is not None else '-'} "
                      f"| {failures} | {summary.get('duplicates', '-')} | {stage['seconds']:.0f} | {rate} |")
-    lines += ["", "Wall time includes starting Python and an embedded Ray for each command. Logs: `logs/`.", "",
+    lines += ["", "Wall time includes starting Python and an embedded Ray for each command; images/s is measured "
+              "inside the shard tasks (their stats files), start-up excluded. Logs: `logs/`.", "",
               "## Masked-feature cosine on held-out shards", "",
               "Mean cosine between the student's predictions and the cached targets on masked patches of "
               f"{masked[0]['samples'] if masked else 0} held-out images (view 0, a fixed mask per image), at every "
-              "checkpoint, against the baseline of predicting the mean target vector everywhere.", "",
+              "checkpoint (step 0: the same architecture at random init), against the baseline of predicting the mean target vector everywhere.", "",
               "| step | masked cosine | mean-target baseline |", "| ---: | ---: | ---: |"]
     for row in masked:
         lines.append(f"| {row['step']} | {row['cosine']:.4f} | {row['mean_target_baseline']:.4f} |")
@@ -200,19 +224,19 @@ def main(argv: list[str] | None = None) -> int:
         command = [python, "jobs/build_shards.py", "--sources", str(sources), "--output", str(out / "images"),
                    "--shard-size", "100", "--allow-private-addresses"]
         stages.append({"name": "build_shards", "command": " ".join(command[1:]).replace(str(out), "OUT"),
-                       **run_stage("build_shards", command, out), "summary": shard_summary(out / "images")})
+                       **run_stage("build_shards", command, out), "summary": shard_summary(out / "images"), "rate": stage_rate(out / "images")})
     heldout_sources = write_sources(out / "sources_heldout.yaml", [
         {"name": "heldout", "kind": "folder", "path": str(paths["heldout"])}])
     command = [python, "jobs/build_shards.py", "--sources", str(heldout_sources), "--output", str(out / "heldout_images"),
                "--shard-size", "100"]
     stages.append({"name": "build_shards (held-out)", "command": " ".join(command[1:]).replace(str(out), "OUT"),
-                   **run_stage("build_heldout", command, out), "summary": shard_summary(out / "heldout_images")})
+                   **run_stage("build_heldout", command, out), "summary": shard_summary(out / "heldout_images"), "rate": stage_rate(out / "heldout_images")})
     for name, images, train in (("cache_targets", "images", "train"), ("cache_targets (held-out)", "heldout_images", "heldout_train")):
         command = [python, "jobs/cache_targets.py", "--images", str(out / images), "--output", str(out / train),
                    "--teacher", str(TEACHER), "--teacher-weights", "none", "--views", "2", "--device", "cpu"]
         stages.append({"name": name, "command": " ".join(command[1:]).replace(str(out), "OUT").replace(str(REPO) + "/", ""),
                        **run_stage(name.split()[0] + ("_heldout" if "held" in name else ""), command, out),
-                       "summary": shard_summary(out / train)})
+                       "summary": shard_summary(out / train), "rate": stage_rate(out / train)})
     command = [python, "-m", "eva.train", "--config", str(TRAIN_CONFIG.relative_to(REPO)),
                f"data.train={out / 'train'}", f"run_dir={out / 'run'}"]
     if args.steps:
@@ -224,10 +248,11 @@ def main(argv: list[str] | None = None) -> int:
     from eva.evaluate import masked_cosine_over_training, student_normalisation
     from eva.visualize import plot_curves, plot_predictions
 
-    masked = masked_cosine_over_training(out / "run", out / "heldout_train", max_samples=args.heldout)
-    evaluation = evaluate_models(out / "run", paths["digits"], variant="tiny")
     model, meta = load_mim_model(out / "run")
     mean, std = student_normalisation(meta)
+    masked = [initial_masked_cosine(meta, out / "heldout_train", args.heldout, args.seed, mean, std)]
+    masked += masked_cosine_over_training(out / "run", out / "heldout_train", max_samples=args.heldout)
+    evaluation = evaluate_models(out / "run", paths["digits"], variant=meta["variant"])
     plot_predictions(model, out / "heldout_train", out / "predictions.png", count=4, mean=mean, std=std)
     plot_curves(out / "run", out / "curves.png")
     facts = {"machine": f"{os.cpu_count()} CPU cores, {sys.platform}", "stages": stages, "masked_cosine": masked,

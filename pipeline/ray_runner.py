@@ -80,7 +80,8 @@ def run_shards(
                     result = ray.get(ref)
                     check(shard_id, result)
                 except Exception as error:  # task crash, worker death or a bad result: retry
-                    finish_attempt(shard_id, f"{type(error).__name__}: {str(error)[:300]}")
+                    cause = getattr(error, "cause", None) or error  # a RayTaskError wraps the task's own error
+                    finish_attempt(shard_id, f"{type(cause).__name__}: {str(cause)[:300]}")
                     continue
                 summary.outcomes.append(ShardOutcome(shard_id, True, attempts[shard_id], result=result))
                 bar.update(1)
@@ -117,7 +118,8 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
         ray.init(address=address, log_to_driver=True)
         description = f"cluster at {address}"
     else:
-        ray.init(_node_ip_address="127.0.0.1", num_cpus=num_cpus, include_dashboard=False,
+        # address="local": always a fresh instance, never a cluster that `ray start` left on this machine
+        ray.init(address="local", _node_ip_address="127.0.0.1", num_cpus=num_cpus, include_dashboard=False,
                  log_to_driver=True)
         description = "embedded local Ray"
     try:

@@ -57,7 +57,9 @@ def ray_cluster(tmp_path_factory):
          f"--port={gcs_port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
          "--include-dashboard=true", "--num-cpus=2", "--disable-usage-stats"],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0",
+        # RAY_AUTH_MODE=disabled: `ray start` turns token auth on whenever ~/.ray/auth_token exists
+        # (any embedded ray.init writes one), but clients given an explicit address never send it.
+        env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled",
              "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"},
     )
     dashboard = f"http://127.0.0.1:{dashboard_port}"

@@ -1,0 +1,240 @@
+"""Training-step throughput of our trainer against timm's EVA-g with the same step, on one device.
+
+    python benchmarks/gpu_train_step.py [--out results.json] [--batch 64] [--steps 10] [--no-compile]
+
+On a GPU: EVA-g (`giant`, 224 px, patch 14), bf16, batch 64, targets 768-d. "ours" is the real
+trainer step: eva.train.loop.train_one_step on the DeepSpeed engine of eva.train.engine (ZeRO-1,
+AdamW, clipping 3.0) plus the loop's per-step loss all-reduce; images come as uint8 and are
+normalised on the device, as from the loader. "timm" is timm's `eva_giant_patch14_224` with the
+step of /work/shared/anchors/measure_h100_anchors.py (bf16 autocast, 1408->768 head, cosine loss
+on the masked patches, fused AdamW); the anchor on an H100 is 221 img/s eager, 254 compiled. Both
+run in this one command on the same card, each in its own subprocess (clean memory), eager and
+then compiled if time allows. Target: ours >= 300 img/s per H100.
+
+Without a GPU the same comparison runs on CPU at `tiny` size (fp32, batch 32) so the script can
+be checked anywhere. Prints one JSON object (and writes it to --out).
+
+The lent GPU machines have torch/timm but not deepspeed, webdataset or pydantic: carry wheels of
+deepspeed, hjson, pydantic, pydantic-core, annotated-types, typing-inspection, webdataset and
+braceexpand (see docs/training.md, "GPU benchmark").
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+TARGET_IMG_PER_S = 300  # per H100, EVA-g
+TIMM_ANCHOR = {"eager": 221, "compiled": 254, "device": "NVIDIA H100 80GB HBM3", "batch": 64, "precision": "bf16"}
+COMPILE_BUDGET_S = 240  # start the compiled runs only if the eager ones took less than this
+
+
+def setup(args):
+    import torch
+
+    gpu = torch.cuda.is_available()
+    device = torch.device("cuda", 0) if gpu else torch.device("cpu")
+    settings = dict(variant=args.variant or ("giant" if gpu else "tiny"), batch=args.batch or (64 if gpu else 32),
+                    precision=args.precision or ("bf16" if gpu else "fp32"), target_dim=768 if gpu else 64)
+    return torch, device, settings
+
+
+def synthetic_batch(torch, device, settings, num_masking_patches: int, min_num_patches: int):
+    """One loader-shaped batch, already on the device: uint8 images, block masks, float16 targets."""
+    import numpy as np
+
+    from eva.masking import BlockMaskGenerator
+    from eva.vit import VARIANTS
+
+    variant = VARIANTS[settings["variant"]]
+    side = variant["img_size"] // variant["patch_size"]
+    b, size = settings["batch"], variant["img_size"]
+    rng = np.random.default_rng(0)
+    masks = BlockMaskGenerator((side, side), num_masking_patches, min_num_patches)
+    return {
+        "images": torch.randint(0, 256, (b, 3, size, size), dtype=torch.uint8, device=device),
+        "mask": torch.from_numpy(np.stack([masks(rng).reshape(-1) for _ in range(b)])).to(device),
+        "targets": torch.randn(b, side * side, settings["target_dim"], device=device).half(),
+    }
+
+
+def timed(torch, device, step, steps: int, warmup: int) -> tuple[float, float]:
+    """(first step seconds, mean seconds per step after warm-up)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    started = time.perf_counter()
+    step()
+    sync()
+    first = time.perf_counter() - started
+    for _ in range(warmup):
+        step()
+    sync()
+    started = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync()
+    return first, (time.perf_counter() - started) / steps
+
+
+def mask_geometry(settings) -> tuple[int, int]:
+    return (105, 16) if settings["variant"] != "tiny" else (26, 4)  # EVA-01's, and tiny_cpu.yaml's
+
+
+def run_ours(args) -> dict:
+    torch, device, settings = setup(args)
+    from eva.mim import create_mim_model
+    from eva.train import engine as engine_lib
+    from eva.train.config import config_from_dict
+    from eva.train.loop import DTYPES, StepContext, share_step_results, train_one_step
+    from eva.train.monitor import train_flops_per_image
+    from eva.views import CLIP_MEAN, CLIP_STD
+
+    num_masking, min_patches = mask_geometry(settings)
+    cfg = config_from_dict({
+        "model": {"name": settings["variant"], "compile": args.compile},
+        "data": {"train": "unused"}, "run_dir": "unused", "precision": settings["precision"],
+        "mask": {"num_masking_patches": num_masking, "min_num_patches": min_patches},
+        "train": {"steps": 1000, "batch_size": settings["batch"], "lr": 1.0e-4, "warmup_steps": 0},
+    })
+    dist_info = engine_lib.init_distributed()
+    torch.manual_seed(0)
+    model = create_mim_model(settings["variant"], settings["target_dim"])
+    engine = engine_lib.build_engine(model, cfg, dist_info)
+    batch = synthetic_batch(torch, device, settings, num_masking, min_patches)
+    channel = lambda values: torch.tensor(values, device=device).view(1, 3, 1, 1)  # noqa: E731
+    ctx = StepContext(device, DTYPES[settings["precision"]], channel(CLIP_MEAN), channel(CLIP_STD), grad_accum=1)
+    batches = itertools.repeat(batch)
+
+    def step():
+        stats = train_one_step(engine, batches, 1.0e-4, ctx)
+        share_step_results(stats["loss"], False, dist_info)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    first, seconds = timed(torch, device, step, args.steps, args.warmup)
+    masked = batch["mask"].sum().item() / settings["batch"]
+    flops = train_flops_per_image(model.backbone.kwargs, settings["target_dim"], masked)
+    return _result(torch, device, settings, first, seconds, flops, sum(p.numel() for p in model.parameters()))
+
+
+def run_timm(args) -> dict:
+    torch, device, settings = setup(args)
+    import timm
+    import torch.nn.functional as F
+    from timm.models.eva import Eva
+
+    from eva.train.monitor import train_flops_per_image
+    from eva.vit import create_vit, timm_eva_kwargs, timm_model_name
+
+    kwargs = create_vit(settings["variant"]).kwargs
+    torch.manual_seed(0)
+    name = timm_model_name(kwargs)
+    model = (timm.create_model(name, pretrained=False, num_classes=0) if name else Eva(**timm_eva_kwargs(kwargs))).to(device)
+    head = torch.nn.Linear(model.embed_dim, settings["target_dim"]).to(device)
+    optimizer = torch.optim.AdamW(list(model.parameters()) + list(head.parameters()), lr=1.0e-4, betas=(0.9, 0.98),
+                                  weight_decay=0.05, fused=device.type == "cuda")
+    forward = torch.compile(model.forward_features) if args.compile else model.forward_features
+    num_masking, min_patches = mask_geometry(settings)
+    batch = synthetic_batch(torch, device, settings, num_masking, min_patches)
+    images = batch["images"].float().div(255.0)
+    mask, targets = batch["mask"], batch["targets"].float()
+    low_precision = settings["precision"] != "fp32"
+    dtype = torch.bfloat16 if settings["precision"] == "bf16" else torch.float16
+
+    def step():
+        with torch.autocast(device.type, dtype=dtype, enabled=low_precision):
+            pred = head(forward(images)[:, 1:])
+        loss = -F.cosine_similarity(pred.float()[mask], targets[mask], dim=-1).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    first, seconds = timed(torch, device, step, args.steps, args.warmup)
+    n = (kwargs["img_size"] // kwargs["patch_size"]) ** 2
+    flops = train_flops_per_image(kwargs, settings["target_dim"], n)  # head on every patch token
+    return {**_result(torch, device, settings, first, seconds, flops, sum(p.numel() for p in model.parameters())),
+            "timm_model": name or "timm.models.eva.Eva(same architecture)"}
+
+
+def _result(torch, device, settings, first, seconds, flops_per_image, params) -> dict:
+    from eva.train.monitor import device_peak_tflops
+
+    img_per_s = settings["batch"] / seconds
+    peak = device_peak_tflops(device, settings["precision"])
+    out = {"img_per_s": round(img_per_s, 1), "step_ms": round(seconds * 1e3, 2), "first_step_s": round(first, 2),
+           "tflops": round(img_per_s * flops_per_image / 1e12, 2), "mfu": round(img_per_s * flops_per_image / (peak * 1e12), 4) if peak else None,
+           "params_M": round(params / 1e6, 1)}
+    if device.type == "cuda":
+        out["peak_mem_GiB"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 1)
+    return out
+
+
+def child(args, which: str, compile_: bool) -> dict:
+    """Run one measurement in a fresh process (memory and process group of its own)."""
+    command = [sys.executable, __file__, "--only", which, "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    for flag in ("batch", "variant", "precision"):
+        if getattr(args, flag):
+            command += [f"--{flag}", str(getattr(args, flag))]
+    if compile_:
+        command.append("--compile")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=args.child_timeout)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
+    if result.returncode != 0 or not lines:
+        return {"error": f"exit {result.returncode}: {(result.stderr or result.stdout)[-1500:]}"}
+    return json.loads(lines[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--batch", type=int, default=None, help="per device (default 64 on GPU, 32 on CPU)")
+    parser.add_argument("--variant", default=None, help="model variant (default giant on GPU, tiny on CPU)")
+    parser.add_argument("--precision", default=None, choices=("fp32", "bf16", "fp16"))
+    parser.add_argument("--steps", type=int, default=10, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--no-compile", action="store_true", help="eager only")
+    parser.add_argument("--child-timeout", type=float, default=300)
+    parser.add_argument("--only", choices=("ours", "timm"), help=argparse.SUPPRESS)
+    parser.add_argument("--compile", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.only:
+        print(json.dumps(run_ours(args) if args.only == "ours" else run_timm(args)), flush=True)
+        return
+
+    torch, device, settings = setup(args)
+    started = time.time()
+    results = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__, **settings, "timed_steps": args.steps,
+        "ours_eager": child(args, "ours", False),
+        "timm_eager": child(args, "timm", False),
+    }
+    if device.type == "cuda" and not args.no_compile and time.time() - started < COMPILE_BUDGET_S:
+        results["ours_compiled"] = child(args, "ours", True)
+        results["timm_compiled"] = child(args, "timm", True)
+    best_ours = max((r.get("img_per_s", 0) for k, r in results.items() if k.startswith("ours_")), default=0)
+    best_timm = max((r.get("img_per_s", 0) for k, r in results.items() if k.startswith("timm_")), default=0)
+    results["ours_vs_timm"] = round(best_ours / best_timm, 3) if best_timm else None
+    if device.type == "cuda" and settings["variant"] == "giant":
+        results["target_img_per_s"] = TARGET_IMG_PER_S
+        results["meets_target"] = best_ours >= TARGET_IMG_PER_S
+        results["timm_anchor"] = TIMM_ANCHOR
+    results["total_s"] = round(time.time() - started, 1)
+    text = json.dumps(results, indent=1)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

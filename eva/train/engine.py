@@ -1,0 +1,151 @@
+"""The DeepSpeed engine: process group, ZeRO config, AdamW with EVA's settings, LR schedule, and
+checkpoint I/O that never unpickles arbitrary objects.
+
+One engine for every precision and world size: fp32, bf16 or fp16 (dynamic loss scaling), ZeRO
+stage 1 by default, gradient clipping and accumulation done by DeepSpeed.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+from dataclasses import dataclass
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+from deepspeed.runtime.zero.config import ZeroStageEnum
+from deepspeed.utils import safe_get_full_fp32_param
+from deepspeed.utils.tensor_fragment import fragment_address
+
+from eva.mim import MIMModel, param_groups
+
+# DeepSpeed's checkpoints pickle a few of its own plain-data classes next to the tensors, and its
+# TorchCheckpointEngine loads them with weights_only=False. Ours loads with weights_only=True and
+# allows exactly these classes (what ZeRO 1/2 optimizer states hold in fp32, bf16 and fp16).
+DEEPSPEED_STATE_CLASSES = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
+    """DeepSpeed's torch checkpoint engine, loading with torch.load(weights_only=True)."""
+
+    def load(self, path: str, map_location=None):
+        with torch.serialization.safe_globals(DEEPSPEED_STATE_CLASSES):
+            return torch.load(path, map_location=map_location, weights_only=True)
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init_distributed() -> DistInfo:
+    """Join the process group that torchrun, the deepspeed launcher or Ray Train set up, or make a
+    one-process group on 127.0.0.1 for a plain `python -m eva.train`."""
+    if not dist.is_initialized() and "RANK" not in os.environ:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device = torch.device("cpu")
+        backend = "gloo"
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def deepspeed_config(cfg) -> dict:
+    t = cfg.train
+    config = {
+        "train_micro_batch_size_per_gpu": t.batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "gradient_clipping": t.clip_grad,
+        "zero_optimization": {"stage": cfg.zero_stage},
+        "steps_per_print": 2**31 - 1,  # progress is ours (eva.train.monitor)
+        "wall_clock_breakdown": False,
+    }
+    if cfg.precision == "bf16":
+        config["bf16"] = {"enabled": True}
+    elif cfg.precision == "fp16":
+        s = cfg.loss_scale
+        config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": s.initial_scale_power,
+                          "loss_scale_window": s.window, "hysteresis": s.hysteresis, "min_loss_scale": s.min_scale}
+    return config
+
+
+def lr_at(step: int, cfg) -> float:
+    """LR of optimizer step `step` (0-based): linear warmup from 0, then cosine down to min_lr."""
+    t = cfg.train
+    if step < t.warmup_steps:
+        return t.lr * step / t.warmup_steps
+    progress = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
+    return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def build_engine(model: MIMModel, cfg, dist_info: DistInfo):
+    """DeepSpeed engine around `model` with AdamW (EVA's betas/eps, decay 0.05 except pos_embed,
+    cls/mask tokens, biases and norms); the LR is set per step by the loop (`set_lr`)."""
+    if cfg.model.compile:
+        for block in model.backbone.blocks:
+            block.compile()  # regional: short compile, unchanged state-dict keys
+    optimizer = torch.optim.AdamW(
+        param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr, betas=tuple(cfg.train.betas),
+        eps=cfg.train.eps, fused=dist_info.device.type == "cuda",
+    )
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg),
+                                      dist_init_required=False)
+    if type(engine.checkpoint_engine) is not TorchCheckpointEngine:
+        raise RuntimeError(f"unexpected DeepSpeed checkpoint engine {type(engine.checkpoint_engine).__name__}")
+    engine.checkpoint_engine = WeightsOnlyCheckpointEngine(engine._config)
+    return engine
+
+
+def set_lr(engine, lr: float) -> None:
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr
+
+
+def loss_scale(engine) -> float:
+    """fp16: DeepSpeed's current dynamic loss scale; 1.0 otherwise."""
+    return float(getattr(engine.optimizer, "loss_scale", 1.0)) if engine.fp16_enabled() else 1.0
+
+
+def grad_norm(engine) -> float | None:
+    norm = engine.get_global_grad_norm()
+    return None if norm is None else float(norm)
+
+
+def full_fp32_state_dict(engine) -> dict[str, torch.Tensor]:
+    """The model's fp32 master weights, whole (gathered from the ZeRO partitions) on CPU.
+
+    Collective: every rank must call it.
+    """
+    state = {}
+    for name, param in engine.module.named_parameters():
+        full = safe_get_full_fp32_param(param)
+        if full is None:
+            raise RuntimeError(f"DeepSpeed holds no fp32 master copy of parameter {name}")
+        state[name] = full.detach().to("cpu", torch.float32)
+    for name, buffer in engine.module.named_buffers():
+        state[name] = buffer.detach().to("cpu", torch.float32)
+    return state
+

@@ -1,0 +1,173 @@
+"""`python -m eva.train` end to end on CPU with real DeepSpeed engines: loss falls, checkpoints
+describe themselves, exact resume, SIGTERM, non-finite loss, manifest refusal, online teacher,
+and a 2-process run (torchrun, gloo)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from trainer_fixtures import REPO_ROOT, TINY_CONFIG, TINY_TEACHER, build_image_dir, free_port, read_log, run_trainer
+from eva.checkpoints import latest_checkpoint, load_mim_model
+from eva.train.config import load_config
+from eva.train.engine import WeightsOnlyCheckpointEngine
+from shards import contract
+from shards.manifest import manifest_hash
+
+# small, fast runs: 16 images per step, 2 loader workers (exercises the worker rotation on resume)
+FAST = ("train.batch_size=16", "data.num_workers=2", "data.shuffle_buffer=64", "train.warmup_steps=3",
+        "log.every=1", "log.tensorboard=false")
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(latest_checkpoint(run_dir) / "model.pt", map_location="cpu", weights_only=True)
+
+
+def test_loss_falls_and_the_checkpoint_describes_itself(tiny_train_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_trainer(f"data.train={tiny_train_dir}", f"run_dir={run_dir}", "train.steps=40",
+                         "train.warmup_steps=10", "log.every=5", "checkpoint.every=20")
+    assert "finished at step 40" in result.stdout
+    log = read_log(run_dir)
+    assert [r["step"] for r in log] == list(range(5, 41, 5))
+    for record in log:
+        assert {"step", "loss", "lr", "loss_scale", "img_per_s", "data_wait", "mfu", "skipped_steps"} <= set(record)
+    first, last = (log[0]["loss"] + log[1]["loss"]) / 2, (log[-1]["loss"] + log[-2]["loss"]) / 2
+    assert last < first - 0.05, [r["loss"] for r in log]
+    assert log[-1]["lr"] < log[2]["lr"]  # cosine decay after warmup
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    resolved = load_config(run_dir / "config.yaml")
+    assert resolved.train.steps == 40 and resolved.data.train == str(tiny_train_dir)
+
+    ckpt = latest_checkpoint(run_dir)
+    assert ckpt.name == "step_00000040" and (run_dir / "checkpoints" / "step_00000020").is_dir()
+    model, meta = load_mim_model(run_dir)
+    assert meta["variant"] == "tiny" and meta["target_dim"] == 64 and meta["step"] == 40
+    assert meta["model_kwargs"]["embed_dim"] == 96 and meta["model_kwargs"]["drop_path_rate"] == 0.1
+    assert meta["samples_seen"] == 40 * 32 and meta["data_position"] == {"start_epoch": 0, "batches": 40}
+    assert meta["train_manifest_sha256"] == manifest_hash(tiny_train_dir)
+    assert meta["config"] == resolved.to_dict() and meta["world_size"] == 1 and meta["skipped_steps"] == 0
+    assert model.head.out_features == 64
+    # everything in a checkpoint loads without unpickling arbitrary objects
+    engine = WeightsOnlyCheckpointEngine()
+    for path in ckpt.rglob("*.pt"):
+        assert isinstance(engine.load(str(path), map_location="cpu"), dict), path
+
+
+def resume_copy(straight: Path, step: int, destination: Path) -> None:
+    """A run directory as if `straight` had stopped after `step` (train.stop_at=step): its
+    checkpoint there, `latest` naming it, and the log up to it."""
+    name = f"step_{step:08d}"
+    shutil.copytree(straight / "checkpoints" / name, destination / "checkpoints" / name)
+    (destination / "checkpoints" / "latest").write_text(name + "\n")
+    (destination / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in read_log(straight) if r["step"] <= step))
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    log_a, log_b = read_log(a), read_log(b)
+    assert [r["step"] for r in log_a] == [r["step"] for r in log_b]
+    assert [(r["loss"], r["grad_norm"], r["lr"]) for r in log_a] == [(r["loss"], r["grad_norm"], r["lr"]) for r in log_b]
+    wa, wb = final_weights(a), final_weights(b)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_resume_is_exact(tiny_train_dir, tmp_path):
+    """14 steps straight == 7 steps, stop, resume to 14 (crossing an epoch: 192 samples = 12 steps).
+
+    The stopped run is the straight run's step-7 checkpoint in a fresh run directory: the state a
+    run stopped by train.stop_at=7 leaves (the SIGTERM test covers stopping itself)."""
+    common = (f"data.train={tiny_train_dir}", "train.steps=14", "checkpoint.every=7", *FAST)
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    run_trainer(*common, f"run_dir={straight}")
+    resume_copy(straight, 7, resumed)
+    second = run_trainer(*common, f"run_dir={resumed}")
+    assert f"resuming from {resumed / 'checkpoints' / 'step_00000007'} at step 7" in second.stdout
+    assert_same_run(straight, resumed)
+
+
+def test_sigterm_saves_a_checkpoint_and_a_rerun_resumes(tiny_train_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    common = (f"data.train={tiny_train_dir}", f"run_dir={run_dir}", "train.steps=1000", "checkpoint.every=1000", *FAST)
+    command = [sys.executable, "-m", "eva.train", "--config", str(TINY_CONFIG), *common]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while not ((run_dir / "log.jsonl").exists() and len(read_log(run_dir)) >= 3):
+            assert process.poll() is None and time.time() < deadline, process.communicate()
+            time.sleep(0.5)
+        os.killpg(process.pid, signal.SIGTERM)  # the whole group, loader workers included
+        stdout, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    assert process.returncode == 0, stderr[-3000:]
+    step = read_log(run_dir)[-1]["step"]
+    assert f"terminated at step {step} (SIGTERM)" in stdout
+    assert latest_checkpoint(run_dir).name == f"step_{step:08d}"
+    rerun = run_trainer(*common, f"train.stop_at={step + 2}")
+    assert f"resuming from {run_dir / 'checkpoints' / f'step_{step:08d}'} at step {step}" in rerun.stdout
+    assert f"stopped at step {step + 2} (train.stop_at reached)" in rerun.stdout
+    assert [r["step"] for r in read_log(run_dir)] == list(range(1, step + 3))
+    assert latest_checkpoint(run_dir).name == f"step_{step + 2:08d}"
+
+
+def test_a_run_of_nonfinite_losses_stops_naming_the_step_and_last_good_checkpoint(tiny_train_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    # an absurd LR: step 1 is finite and checkpointed, then the weights overflow and the loss is NaN
+    result = run_trainer(f"data.train={tiny_train_dir}", f"run_dir={run_dir}", "train.steps=50", "train.lr=1e30",
+                         "train.min_lr=0", "checkpoint.every=1", "train.nonfinite_patience=3", *FAST,
+                         "train.warmup_steps=0", check=False)
+    assert result.returncode == 1, result.stderr[-3000:]
+    good = run_dir / "checkpoints" / "step_00000001"
+    assert f"loss was not finite for 3 consecutive steps (steps 2 to 4); stopping at step 4. " \
+           f"Last good checkpoint: {good}" in result.stderr
+    log = read_log(run_dir)
+    assert [r["skipped_steps"] for r in log] == [0, 1, 2, 3]  # DeepSpeed dropped the non-finite updates
+    assert latest_checkpoint(run_dir) == good
+
+
+def test_a_mismatched_train_dir_is_refused_naming_both_values(tiny_train_dir, tmp_path):
+    result = run_trainer(f"data.train={tiny_train_dir}", f"run_dir={tmp_path / 'run'}", "model.name=small", check=False)
+    assert result.returncode == 1
+    assert "the patch grid is [8, 8] in its manifest but [16, 16] for this run (model.name=small)" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_online_teacher_mode_trains_on_image_shards(tmp_path):
+    images = build_image_dir(tmp_path / "images", shards=2, per_shard=24, duplicates=[contract.make_key(0, 1, 24)])
+    run_dir = tmp_path / "run"
+    run_trainer(f"data.train={images}", f"run_dir={run_dir}", "data.targets=online",
+                f"data.teacher.model={TINY_TEACHER}", "train.steps=4", "checkpoint.every=100", *FAST)
+    log = read_log(run_dir)
+    assert [r["step"] for r in log] == [1, 2, 3, 4] and all(-1 <= r["loss"] <= 1 for r in log)
+    _, meta = load_mim_model(run_dir)
+    assert meta["target_dim"] == 64 and meta["train_manifest_sha256"] == manifest_hash(images)
+
+
+def test_two_process_deepspeed_run_and_exact_resume(tiny_train_dir, tmp_path):
+    """torchrun, 2 ranks on gloo, ZeRO-1: 4 steps straight == 2 steps, stop, resume to 4."""
+    def torchrun(run_dir: Path) -> subprocess.CompletedProcess:
+        launcher = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                    "--master_port", str(free_port())]
+        return run_trainer(f"data.train={tiny_train_dir}", f"run_dir={run_dir}", "train.steps=4",
+                           "checkpoint.every=2", *FAST, "data.num_workers=1", launcher=launcher)
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    torchrun(straight)
+    assert read_log(straight)[-1]["samples_seen"] == 4 * 16 * 2
+    ckpt = latest_checkpoint(straight)
+    assert sorted(p.name for p in (ckpt / "rng").iterdir()) == ["rank_00000.pt", "rank_00001.pt"]
+    assert len(list((ckpt / "deepspeed").glob("*optim_states.pt"))) == 2  # ZeRO-1: one partition per rank
+    resume_copy(straight, 2, resumed)
+    torchrun(resumed)
+    assert_same_run(straight, resumed)
