@@ -15,6 +15,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+# img2dataset imports albumentations, which otherwise asks PyPI for a newer version on import.
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 

@@ -32,26 +32,26 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 def test_loss_falls_and_the_checkpoint_describes_itself(tiny_train_dir, tmp_path):
     run_dir = tmp_path / "run"
-    result = run_trainer(f"data.train={tiny_train_dir}", f"run_dir={run_dir}", "train.steps=40",
-                         "train.warmup_steps=10", "log.every=5", "checkpoint.every=20")
-    assert "finished at step 40" in result.stdout
+    result = run_trainer(f"data.train={tiny_train_dir}", f"run_dir={run_dir}", "train.steps=30",
+                         "train.warmup_steps=5", "log.every=5", "checkpoint.every=15")
+    assert "finished at step 30" in result.stdout
     log = read_log(run_dir)
-    assert [r["step"] for r in log] == list(range(5, 41, 5))
+    assert [r["step"] for r in log] == list(range(5, 31, 5))
     for record in log:
         assert {"step", "loss", "lr", "loss_scale", "img_per_s", "data_wait", "mfu", "skipped_steps"} <= set(record)
     first, last = (log[0]["loss"] + log[1]["loss"]) / 2, (log[-1]["loss"] + log[-2]["loss"]) / 2
     assert last < first - 0.05, [r["loss"] for r in log]
-    assert log[-1]["lr"] < log[2]["lr"]  # cosine decay after warmup
+    assert log[-1]["lr"] < log[1]["lr"]  # cosine decay after warmup
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     resolved = load_config(run_dir / "config.yaml")
-    assert resolved.train.steps == 40 and resolved.data.train == str(tiny_train_dir)
+    assert resolved.train.steps == 30 and resolved.data.train == str(tiny_train_dir)
 
     ckpt = latest_checkpoint(run_dir)
-    assert ckpt.name == "step_00000040" and (run_dir / "checkpoints" / "step_00000020").is_dir()
+    assert ckpt.name == "step_00000030" and (run_dir / "checkpoints" / "step_00000015").is_dir()
     model, meta = load_mim_model(run_dir)
-    assert meta["variant"] == "tiny" and meta["target_dim"] == 64 and meta["step"] == 40
+    assert meta["variant"] == "tiny" and meta["target_dim"] == 64 and meta["step"] == 30
     assert meta["model_kwargs"]["embed_dim"] == 96 and meta["model_kwargs"]["drop_path_rate"] == 0.1
-    assert meta["samples_seen"] == 40 * 32 and meta["data_position"] == {"start_epoch": 0, "batches": 40}
+    assert meta["samples_seen"] == 30 * 32 and meta["data_position"] == {"start_epoch": 0, "batches": 30}
     assert meta["train_manifest_sha256"] == manifest_hash(tiny_train_dir)
     assert meta["config"] == resolved.to_dict() and meta["world_size"] == 1 and meta["skipped_steps"] == 0
     assert model.head.out_features == 64
