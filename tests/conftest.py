@@ -58,7 +58,11 @@ def ray_cluster(tmp_path_factory):
     process = subprocess.Popen(
         [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
          f"--port={gcs_port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
-         "--include-dashboard=true", "--num-cpus=2", "--disable-usage-stats"],
+         "--include-dashboard=true", "--num-cpus=2", "--disable-usage-stats",
+         # every port of its own, so concurrent test sessions never collide on Ray's fixed defaults
+         f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+         f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
+         f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}"],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         # RAY_AUTH_MODE=disabled: `ray start` turns token auth on whenever ~/.ray/auth_token exists
         # (any embedded ray.init writes one), but clients given an explicit address never send it.

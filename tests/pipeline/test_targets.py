@@ -271,11 +271,12 @@ def test_ray_job_submit(workspace, cached, ray_cluster, tmp_path):
                   *stage_args(workspace, output, "--dtype", "float16", teacher="configs/teachers/tiny.json")]
     command = [str(VENV_BIN / "ray"), "job", "submit", "--address", ray_cluster["dashboard"], "--working-dir",
                str(REPO_ROOT), "--", *entrypoint]
-    deadline = time.time() + 120
+    deadline = time.time() + 30
     while True:
         result = subprocess.run(command, capture_output=True, text=True, timeout=300,
                                 env={**os.environ, "RAY_AUTH_MODE": "disabled"})
-        # the head's job agent registers some seconds after the dashboard answers
+        # the head's job agent registers some seconds after the dashboard answers (it never does
+        # when its HTTP port, 52365 unless `ray start` is given another, is taken by another cluster)
         if "No available agent to submit job" not in result.stderr or time.time() > deadline:
             break
         time.sleep(3)
