@@ -35,6 +35,7 @@ sys.path.insert(0, str(REPO_ROOT))
 TARGET_IMG_PER_S = 300  # per H100, EVA-g
 TIMM_ANCHOR = {"eager": 221, "compiled": 254, "device": "NVIDIA H100 80GB HBM3", "batch": 64, "precision": "bf16"}
 COMPILE_BUDGET_S = 240  # start the compiled runs only if the eager ones took less than this
+TOTAL_BUDGET_S = 450    # the whole command stays well inside 8 minutes
 
 
 def setup(args):
@@ -178,7 +179,7 @@ def _result(torch, device, settings, first, seconds, flops_per_image, params) ->
     return out
 
 
-def child(args, which: str, compile_: bool) -> dict:
+def child(args, which: str, compile_: bool, started: float) -> dict:
     """Run one measurement in a fresh process (memory and process group of its own)."""
     command = [sys.executable, __file__, "--only", which, "--steps", str(args.steps), "--warmup", str(args.warmup)]
     for flag in ("batch", "variant", "precision"):
@@ -187,7 +188,11 @@ def child(args, which: str, compile_: bool) -> dict:
     if compile_:
         command.append("--compile")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=args.child_timeout)
+    timeout = max(30.0, TOTAL_BUDGET_S - (time.time() - started))
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s (the command's budget is {TOTAL_BUDGET_S} s)"}
     lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
     if result.returncode != 0 or not lines:
         return {"error": f"exit {result.returncode}: {(result.stderr or result.stdout)[-1500:]}"}
@@ -203,7 +208,6 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed steps")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--no-compile", action="store_true", help="eager only")
-    parser.add_argument("--child-timeout", type=float, default=300)
     parser.add_argument("--only", choices=("ours", "timm"), help=argparse.SUPPRESS)
     parser.add_argument("--compile", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -216,12 +220,12 @@ def main() -> None:
     results = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__, **settings, "timed_steps": args.steps,
-        "ours_eager": child(args, "ours", False),
-        "timm_eager": child(args, "timm", False),
+        "ours_eager": child(args, "ours", False, started),
+        "timm_eager": child(args, "timm", False, started),
     }
     if device.type == "cuda" and not args.no_compile and time.time() - started < COMPILE_BUDGET_S:
-        results["ours_compiled"] = child(args, "ours", True)
-        results["timm_compiled"] = child(args, "timm", True)
+        results["ours_compiled"] = child(args, "ours", True, started)
+        results["timm_compiled"] = child(args, "timm", True, started)
     best_ours = max((r.get("img_per_s", 0) for k, r in results.items() if k.startswith("ours_")), default=0)
     best_timm = max((r.get("img_per_s", 0) for k, r in results.items() if k.startswith("timm_")), default=0)
     results["ours_vs_timm"] = round(best_ours / best_timm, 3) if best_timm else None

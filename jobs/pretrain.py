@@ -39,6 +39,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--gpus-per-worker", type=float, default=0, help="GPUs per worker (0: CPU training)")
     parser.add_argument("--cpus-per-worker", type=float, default=1, help="CPUs per worker (loader workers included)")
     parser.add_argument("--max-failures", type=int, default=0, help="worker-group restarts (each resumes from latest)")
+    parser.add_argument("--worker-start-timeout", type=float, default=600,
+                        help="seconds Ray Train waits for the worker group to start (its default, 60 s, is short for "
+                             "workers that import deepspeed on a busy node)")
     parser.add_argument("--ray-address", default=None, help="cluster to join (default: RAY_ADDRESS, else a local Ray)")
     parser.add_argument("overrides", nargs="*", metavar="dotted.key=value")
     args = parser.parse_args(argv)
@@ -80,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False,
                  runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}})
+    # Ray Train passes this variable from the driver to its controller
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(args.worker_start_timeout))
     use_gpu = args.gpus_per_worker > 0
     resources = {"CPU": args.cpus_per_worker, **({"GPU": args.gpus_per_worker} if use_gpu else {})}
     trainer = TorchTrainer(

@@ -72,6 +72,8 @@ def save_checkpoint(engine, run_dir: Path, progress: TrainProgress, meta: dict[s
             "skipped_steps": progress.skipped_steps,
             "data_position": {"start_epoch": progress.loader.start_epoch, "batches": progress.loader.batches},
             "world_size": dist_info.world_size,
+            "deepspeed_state": DEEPSPEED_TAG,       # subdirectory: ZeRO optimizer partitions, loss scaler, steps
+            "rng_state": f"{RNG_DIR}/rank_*.pt",    # per-rank torch RNG
         })
     dist.barrier()
     if dist_info.is_main:

@@ -16,10 +16,13 @@ from a generator seeded by (seed, key, epoch): it does not depend on batching or
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import itertools
 import json
+import math
 import random
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -217,14 +220,14 @@ class DecodeSample:
                 raise DataError(f"{self._where(sample)}: {len(views)} views, manifest says {data.views_per_sample}")
             index = int(rng.integers(len(views)))
             view = views[index]
-            targets = load_npy(sample[contract.EXT_TARGETS])  # [K, N, D]
+            targets = npy_view(sample[contract.EXT_TARGETS])  # [K, N, D]
             expected = (data.views_per_sample, data.num_patches, data.target_dim)
             if targets.shape != expected or targets.dtype != np.dtype(data.target_dtype):
                 raise DataError(f"{self._where(sample)}: targets {targets.dtype} {list(targets.shape)}, "
                                  f"manifest says {data.target_dtype} {list(expected)}")
             out["targets"] = targets[index]  # [N, D]
             if data.target_dtype == "int8":
-                out["target_scales"] = load_npy(sample[contract.EXT_TARGET_SCALES])[index].astype(np.float32)  # [N]
+                out["target_scales"] = npy_view(sample[contract.EXT_TARGET_SCALES])[index].astype(np.float32)  # [N]
         else:
             view = sample_view(rng, image.width, image.height, self.policy)
             if data.teacher_size != data.image_size:
@@ -232,6 +235,29 @@ class DecodeSample:
         out["images"] = _chw(render_view(image, view, data.image_size))
         out["mask"] = self.mask_generator(rng).reshape(-1)  # [N] bool
         return out
+
+
+def npy_view(data: bytes) -> np.ndarray:
+    """A read-only array over the bytes of an .npy file, without copying them (the loader's hot
+    path: targets are ~400 KB a sample). Like shards.reader.load_npy, it never unpickles."""
+    major = data[6] if data[:6] == b"\x93NUMPY" else 0
+    if major not in (1, 2):  # not an npy file, or format 3.0 (utf-8 field names): the general reader
+        return load_npy(data)
+    offset = 10 + int.from_bytes(data[8:10], "little") if major == 1 else 12 + int.from_bytes(data[8:12], "little")
+    header = data[:offset]
+    if header not in _NPY_HEADERS:  # every sample of a directory has the same header: parse it once
+        stream = io.BytesIO(header)
+        np.lib.format.read_magic(stream)
+        read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+        shape, fortran_order, dtype = read(stream)
+        if dtype.hasobject or fortran_order:
+            raise ValueError(f"npy array of dtype {dtype} (fortran order {fortran_order}) is not a plain C array")
+        _NPY_HEADERS[header] = (shape, dtype)
+    shape, dtype = _NPY_HEADERS[header]
+    return np.frombuffer(data, dtype=dtype, count=math.prod(shape), offset=offset).reshape(shape)
+
+
+_NPY_HEADERS: dict[bytes, tuple[tuple[int, ...], np.dtype]] = {}
 
 
 def _chw(image: Image.Image) -> np.ndarray:
@@ -282,7 +308,8 @@ class ShardStream(IterableDataset):
     """One rank's infinite stream of batches (each DataLoader worker runs one logical worker)."""
 
     def __init__(self, data: TrainData, cfg, rank: int, world_size: int, state: LoaderState):
-        self.data, self.rank, self.world_size, self.state = data, rank, world_size, state
+        self.data, self.rank, self.world_size = data, rank, world_size
+        self.state = dataclasses.replace(state)  # where this stream starts; the loop advances its own copy
         self.seed = cfg.seed
         self.batch_size = cfg.train.batch_size
         self.num_workers = max(1, cfg.data.num_workers)
@@ -339,12 +366,9 @@ class ShardStream(IterableDataset):
             yield collate(list(itertools.islice(samples, self.batch_size)))
 
 
-
 def _ignore_termination_signals(_worker_id: int) -> None:
     # A signal sent to the whole process group (scheduler preemption, Ctrl-C) must reach only the
     # training process, which saves a checkpoint; loader workers stop when it shuts them down.
-    import signal
-
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 

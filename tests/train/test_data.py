@@ -16,11 +16,11 @@ from trainer_fixtures import POLICY, TINY_CONFIG, TINY_TEACHER, build_image_dir,
 from eva.masking import BlockMaskGenerator
 from eva.teacher import load_teacher
 from eva.train.config import load_config
-from eva.train.data import (DataError, LoaderState, ManifestMismatch, ShardStream, dequantize_targets, make_loader,
-                            normalize, open_train_data, sample_rng)
+from eva.train.data import (DataError, LoaderState, ManifestMismatch, ShardStream, close_loader_iterator,
+                            dequantize_targets, make_loader, normalize, npy_view, open_train_data, sample_rng)
 from eva.views import CLIP_MEAN, CLIP_STD, render_view, sample_view, to_normalized_tensor
 from shards import contract
-from shards.reader import iter_tar, load_npy
+from shards.reader import dump_npy, iter_tar, load_npy
 
 GRID = (8, 8)
 
@@ -93,7 +93,10 @@ def test_resumed_loader_continues_the_stream_exactly(tiny_train_dir):
 
     def take(state: LoaderState, count: int) -> list[dict]:
         batches = iter(make_loader(data, cfg, 0, 1, state, pin_memory=False))
-        return list(itertools.islice(batches, count))
+        try:
+            return list(itertools.islice(batches, count))
+        finally:
+            close_loader_iterator(batches)
 
     straight = take(LoaderState(), 17)
     resumed = take(LoaderState(0, 7), 10)
@@ -152,3 +155,13 @@ def test_more_readers_than_shards_is_refused(tiny_train_dir):
     cfg = tiny_cfg(tiny_train_dir, "data.num_workers=3")
     with pytest.raises(DataError, match=r"4 shards, fewer than the 6 readers \(world size 2 x data.num_workers 3\)"):
         ShardStream(open_train_data(cfg, 64, GRID), cfg, 0, 2, LoaderState())
+
+
+def test_npy_view_reads_targets_without_copying_and_never_unpickles():
+    for array in (np.arange(2 * 4 * 3, dtype=np.float16).reshape(2, 4, 3), np.array([[-5, 7]], dtype=np.int8)):
+        view = npy_view(dump_npy(array))
+        assert view.dtype == array.dtype and np.array_equal(view, array) and not view.flags.writeable
+    pickled = io.BytesIO()
+    np.save(pickled, np.array([{"x": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match="dtype object"):
+        npy_view(pickled.getvalue())
