@@ -184,9 +184,9 @@ def write_report(out: Path, facts: dict) -> Path:
                "Pretraining did not clearly help on this data" if delta_knn <= 0 and delta_lin <= 0 else
                "Pretraining gave mixed results on this data")
     lines += ["", f"{verdict}: k-NN {100 * delta_knn:+.1f} points and linear {100 * delta_lin:+.1f} points against "
-              "the same architecture at random init. The student was trained on a few hundred photo crops to copy a "
-              "random teacher, and digits are far from that data, so either outcome is plausible; these are the "
-              "measured numbers.", "",
+              f"the same architecture at random init. The student was trained on {stages[0]['summary']['stored']} photo "
+              "crops to copy a random teacher, and digits are far from that data, so either outcome is plausible; "
+              "these are the measured numbers.", "",
               "## Pictures", "",
               "Teacher targets and student predictions on masked held-out patches (PCA to 3 colours, one basis fitted "
               "on the teacher's targets):", "", "![predictions](predictions.png)", "",
