@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from conftest import make_image
+from testkit import make_image
 from eva.checkpoints import checkpoint_dir_name, set_latest, write_model_weights
 from eva.evaluate import (
     ImageFolderData,

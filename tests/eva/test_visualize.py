@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import make_image
+from testkit import make_image
 from eva.evaluate import eval_mask_generator, fixed_mask, masked_feature_cosine
 from eva.mim import create_mim_model
 from eva.visualize import TokenPCA, main, plot_curves, plot_predictions, prediction_rows, read_log

@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from conftest import REPO_ROOT
+from testkit import REPO_ROOT
 
 JOB = REPO_ROOT / "jobs" / "build_shards.py"
 

@@ -26,7 +26,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
-from conftest import free_port
+from testkit import free_port
 
 
 class _Handler(BaseHTTPRequestHandler):

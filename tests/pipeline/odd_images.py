@@ -8,7 +8,7 @@ import zlib
 import numpy as np
 from PIL import Image
 
-from conftest import image_bytes, make_image
+from testkit import image_bytes, make_image
 
 
 def encode(image: Image.Image, fmt: str, **params) -> bytes:

@@ -23,7 +23,7 @@ from PIL import Image
 
 import odd_images
 from build_job import build_main, job_command, job_env, run_job
-from conftest import REPO_ROOT, VENV_BIN, image_bytes
+from testkit import REPO_ROOT, VENV_BIN, image_bytes
 from hostile_server import HostileServer
 from pipeline import statuses
 from shards import contract

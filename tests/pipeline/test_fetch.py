@@ -7,7 +7,7 @@ from http.client import HTTPMessage
 
 import pytest
 
-from conftest import image_bytes
+from testkit import image_bytes
 from hostile_server import HostileServer
 from pipeline import statuses
 from pipeline.addresses import is_public

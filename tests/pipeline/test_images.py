@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 import odd_images
-from conftest import image_bytes
+from testkit import image_bytes
 from pipeline import statuses
 from pipeline.images import ImagePolicy, ImageProcessor, source_sha256
 from pipeline.statuses import RowFailure

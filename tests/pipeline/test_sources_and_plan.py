@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from build_job import build_main
-from conftest import REPO_ROOT
+from testkit import REPO_ROOT
 from pipeline.folders import list_images, parent_label
 from pipeline.plan import stage_plan
 from pipeline.sources import SourcesError, load_sources

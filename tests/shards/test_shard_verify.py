@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from conftest import image_bytes
+from testkit import image_bytes
 from shards import contract
 from shards.manifest import file_sha256, write_manifest
 from shards.reader import dump_npy, iter_tar

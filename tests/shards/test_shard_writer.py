@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import image_bytes
+from testkit import image_bytes
 from shards import contract
 from shards.reader import completed_shards, iter_tar, present_tars, read_stats
 from shards.writer import ShardWriter, remove_stale_temp_files
