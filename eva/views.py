@@ -86,3 +86,11 @@ def to_normalized_tensor(image: Image.Image, mean=CLIP_MEAN, std=CLIP_STD) -> to
     mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
     return tensor.sub_(mean_t).div_(std_t)
+
+
+def normalize_pixels(images: torch.Tensor, mean, std) -> torch.Tensor:
+    """uint8 [B, 3, S, S] -> float32 [B, 3, S, S]: `to_normalized_tensor` batched, op for op (same
+    values), on the images' device. The target stage and the trainer both normalise through it."""
+    mean_t = torch.as_tensor(mean, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
+    std_t = torch.as_tensor(std, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
+    return images.float().div_(255.0).sub_(mean_t).div_(std_t)

@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 
 from eva.teacher import Teacher, TeacherSpec, build_teacher
-from eva.views import ViewPolicy, draw_views, render_view
+from eva.views import ViewPolicy, draw_views, normalize_pixels, render_view
 from shards import contract
 from shards.manifest import file_sha256
 from shards.reader import dump_npy, iter_tar, read_duplicates, read_rows
@@ -121,11 +121,8 @@ def identity_differences(recorded: Any, current: Any, where: str = "") -> list[s
 
 def normalize_views(pixels: torch.Tensor, mean: Iterable[float] | torch.Tensor,
                     std: Iterable[float] | torch.Tensor) -> torch.Tensor:
-    """uint8 [B, S, S, 3] -> float32 [B, 3, S, S]: eva.views.to_normalized_tensor, batched, op for op."""
-    x = pixels.permute(0, 3, 1, 2).float().contiguous().div_(255.0)  # NCHW, as the patch conv expects
-    mean_t = torch.as_tensor(mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
-    std_t = torch.as_tensor(std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
-    return x.sub_(mean_t).div_(std_t)
+    """uint8 [B, S, S, 3] -> float32 [B, 3, S, S], through the trainer's normalisation."""
+    return normalize_pixels(pixels.permute(0, 3, 1, 2).contiguous(), mean, std)  # NCHW, as the patch conv expects
 
 
 def quantize_targets(targets: torch.Tensor, dtype: str) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -398,14 +398,6 @@ def close_loader_iterator(batches: Iterator) -> None:
                 worker.join()
 
 
-def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """uint8 [B, 3, S, S] -> float32, in eva.views.to_normalized_tensor's order of operations (same values).
-
-    `mean`/`std` are float32 [1, 3, 1, 1] on the images' device.
-    """
-    return images.float().div_(255.0).sub_(mean).div_(std)
-
-
 def dequantize_targets(batch: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
     """Cached targets as float32 [B, N, D] on `device` (int8 times its per-token scale)."""
     targets = batch["targets"].to(device, non_blocking=True).float()

@@ -20,8 +20,9 @@ from eva.teacher import load_teacher
 from eva.train import checkpointing, engine as engine_lib
 from eva.train.checkpointing import TrainProgress
 from eva.train.config import Config, ConfigError, changed_keys
-from eva.train.data import LoaderState, TrainData, close_loader_iterator, dequantize_targets, make_loader, normalize, open_train_data
+from eva.train.data import LoaderState, TrainData, close_loader_iterator, dequantize_targets, make_loader, open_train_data
 from eva.train.monitor import Monitor, device_peak_tflops, train_flops_per_image
+from eva.views import normalize_pixels
 from eva.vit import VARIANTS
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -50,7 +51,7 @@ class StepContext:
             return dequantize_targets(batch, self.device)
         pixels = batch.get("teacher_images", batch["images"]).to(self.device, non_blocking=True)
         with torch.no_grad(), torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
-            return self.teacher(normalize(pixels, self.teacher_mean, self.teacher_std)).float()  # [B, N, D]
+            return self.teacher(normalize_pixels(pixels, self.teacher_mean, self.teacher_std)).float()  # [B, N, D]
 
 
 def train_one_step(engine, batches: Iterator[dict], lr: float, ctx: StepContext) -> dict[str, Any]:
@@ -62,7 +63,7 @@ def train_one_step(engine, batches: Iterator[dict], lr: float, ctx: StepContext)
         started = time.perf_counter()
         batch = next(batches)
         data_seconds += time.perf_counter() - started
-        images = normalize(batch["images"].to(ctx.device, non_blocking=True), ctx.mean, ctx.std).to(ctx.dtype)  # [B, 3, S, S]
+        images = normalize_pixels(batch["images"].to(ctx.device, non_blocking=True), ctx.mean, ctx.std).to(ctx.dtype)  # [B, 3, S, S]
         mask = batch["mask"].to(ctx.device, non_blocking=True)                        # [B, N] bool
         targets = ctx.targets(batch)                                                  # [B, N, D]
         pred = engine(images, mask)                                                   # [M, D] forward

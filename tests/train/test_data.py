@@ -17,8 +17,8 @@ from eva.masking import BlockMaskGenerator
 from eva.teacher import load_teacher
 from eva.train.config import load_config
 from eva.train.data import (DataError, LoaderState, ManifestMismatch, ShardStream, close_loader_iterator,
-                            dequantize_targets, make_loader, normalize, npy_view, open_train_data, sample_rng)
-from eva.views import CLIP_MEAN, CLIP_STD, render_view, sample_view, to_normalized_tensor
+                            dequantize_targets, make_loader, npy_view, open_train_data, sample_rng)
+from eva.views import CLIP_MEAN, CLIP_STD, normalize_pixels, render_view, sample_view, to_normalized_tensor
 from shards import contract
 from shards.reader import dump_npy, iter_tar, load_npy
 
@@ -63,7 +63,7 @@ def test_student_normalisation_equals_the_views_module():
     images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (4, 3, 16, 16), dtype=np.uint8))
     mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
-    ours = normalize(images, mean, std)
+    ours = normalize_pixels(images, mean, std)
     for i in range(4):
         reference = to_normalized_tensor(Image.fromarray(images[i].permute(1, 2, 0).numpy()))
         assert torch.equal(ours[i], reference)
