@@ -28,9 +28,10 @@ from skimage import data as skdata  # noqa: E402
 REPO_ROOT = Path(__file__).resolve().parents[1]
 import sys  # noqa: E402
 
-sys.path.insert(0, str(REPO_ROOT))
+sys.path[:0] = [str(REPO_ROOT), str(REPO_ROOT / "benchmarks")]
 
 from eva.train.config import config_from_dict  # noqa: E402
+from report import emit, machine  # noqa: E402
 from eva.train.data import LoaderState, ShardStream, open_train_data  # noqa: E402
 from eva.views import ViewPolicy, draw_views, render_view  # noqa: E402
 from shards import contract  # noqa: E402
@@ -124,22 +125,9 @@ def main() -> None:
         "sample": {"stored_short_side": SHORT_SIDE, "jpeg_quality": 95, "view_size": IMAGE_SIZE,
                    "targets": f"1 view x {GRID[0] * GRID[1]} x {DIM} float16", "bytes_per_sample": round(bytes_per_sample)},
         "alone_per_core": {"jpeg_decode_per_s": round(decode_rate, 1), "crop_resize_224_per_s": round(render_rate, 1)},
-        "cpu": _cpu_name(),
+        "machine": machine(),
     }
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ Targets: stage >= 0.9 x bare forward; int8 <= 0.52 x float16 bytes. Prints one J
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -28,6 +27,9 @@ from pipeline.target_stage import StageOptions, measure_bare_forward, run_target
 from shards import contract  # noqa: E402
 from shards.reader import completed_shards, iter_tar  # noqa: E402
 from support_shards import TINY_TEACHER_CONFIG, make_image_shard_dir  # noqa: E402
+
+sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+from report import emit, machine  # noqa: E402
 
 
 def target_bytes_per_view(directory: Path, views: int) -> dict:
@@ -57,6 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--decode-workers", type=int, default=None)
     parser.add_argument("--ray-address", default=None)
     parser.add_argument("--workdir", type=Path, default=None, help="default: a temporary directory")
+    parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -85,9 +88,9 @@ def main(argv: list[str] | None = None) -> dict:
     bytes_ratio = (storage["int8"]["target_bytes_per_image_per_view"]
                    / storage["float16"]["target_bytes_per_image_per_view"])
     result = {
-        "benchmark": "bench_targets",
+        "benchmark": "bench_targets", "machine": machine(bare["device"]),
         "teacher": args.teacher, "weights": args.teacher_weights, "device": bare["device"],
-        "precision": bare["precision"], "batch_size": args.batch_size, "views_per_image": args.views,
+        "precision": bare["precision"], "teacher_torch_threads": bare["torch_threads"], "batch_size": args.batch_size, "views_per_image": args.views,
         "images": args.shards * args.images_per_shard, "stored_image_short_side": args.image_size,
         "bare_teacher_views_per_s": round(bare_views_per_s, 2),
         "bare_teacher_views_per_s_before_after": [bare["views_per_s"], bare_after["views_per_s"]],
@@ -100,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
         "int8_vs_float16_bytes": round(bytes_ratio, 3), "int8_bytes_target": 0.52, "int8_bytes_ok": bytes_ratio <= 0.52,
         "synthetic_images_build_seconds": round(build_seconds, 2),
     }
-    print(json.dumps(result, indent=1))
+    emit(result, args.out)
     return result
 
 

@@ -289,14 +289,15 @@ def _actor_setup(options: StageOptions, spec, plan: dict, upstream: Upstream) ->
         count = options.actors or 1
     count = max(1, min(count, len(plan["todo"])))
     cpus_per_actor = max(1, cpus // count)
-    # On a GPU node the CPUs decode; on a CPU node the teacher needs them, and OpenMP threads that
-    # share cores with decode threads spin-wait against them (an order of magnitude slower).
+    # On a GPU node the CPUs decode. On a CPU node the teacher gets every core and a few decode
+    # threads share them: a real teacher (ViT-B and up) spends ~99% of a view's time in its
+    # forward, so reserving cores for decoding would idle them (BENCHMARKS.md, target cache).
     if plan["device"] == "cuda":
         decode_workers = options.decode_workers or max(1, cpus_per_actor - 1)
         torch_threads = None
     else:
         decode_workers = options.decode_workers or max(1, cpus_per_actor // 4)
-        torch_threads = max(1, cpus_per_actor - decode_workers)
+        torch_threads = cpus_per_actor
     config = CacheConfig(
         images=str(Path(options.images).resolve()), output=str(Path(options.output).resolve()),
         teacher=spec, identity=plan["identity"], upstream_tar_sha256=upstream.tar_sha256,

@@ -446,7 +446,7 @@ class ShardTargetCacher:
             forward()
         seconds = time.time() - started
         return {"views_per_s": round(iterations * config.batch_size / seconds, 2), "seconds": round(seconds, 3),
-                "batch_size": config.batch_size, "iterations": iterations}
+                "batch_size": config.batch_size, "iterations": iterations, "torch_threads": torch.get_num_threads()}
 
 
 class TargetCacheActor:
