@@ -52,15 +52,18 @@ class BlockMaskGenerator:
 
     def _add_block(self, mask: np.ndarray, max_mask_patches: int, rng: np.random.Generator) -> int:
         """Masks one rectangle in place; returns how many patches it newly masked (0: none fitted)."""
+        low, high = self.log_aspect_ratio
         for _ in range(MAX_TRIES_PER_BLOCK):
+            # one draw of 4 uniforms per try: a Generator call costs more than the arithmetic
+            u_area, u_aspect, u_top, u_left = rng.random(4).tolist()
             # as Python's random.uniform: below min_num_patches when few patches remain
-            target_area = self.min_num_patches + (max_mask_patches - self.min_num_patches) * rng.random()
-            aspect_ratio = math.exp(rng.uniform(*self.log_aspect_ratio))
+            target_area = self.min_num_patches + (max_mask_patches - self.min_num_patches) * u_area
+            aspect_ratio = math.exp(low + (high - low) * u_aspect)
             h = int(round(math.sqrt(target_area * aspect_ratio)))
             w = int(round(math.sqrt(target_area / aspect_ratio)))
             if w < self.width and h < self.height:
-                top = int(rng.integers(0, self.height - h + 1))
-                left = int(rng.integers(0, self.width - w + 1))
+                top = int(u_top * (self.height - h + 1))    # uniform over 0 .. height - h
+                left = int(u_left * (self.width - w + 1))
                 block = mask[top : top + h, left : left + w]
                 new = h * w - int(block.sum())
                 if 0 < new <= max_mask_patches:

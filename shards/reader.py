@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import json
-import tarfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -14,6 +13,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from shards import contract
+from shards.tarstream import iter_tar_members
 
 
 def completed_shards(directory: Path) -> list[int]:
@@ -35,19 +35,17 @@ def read_stats(directory: Path, shard_id: int) -> dict[str, Any]:
     return json.loads(contract.stats_path(directory, shard_id).read_text())
 
 
-def iter_tar(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Yield (key, {extension: bytes}) per sample, grouping consecutive members by key."""
+def iter_tar(path: Path, copy: bool = True) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Yield (key, {extension: bytes}) per sample, grouping consecutive members by key.
+    `copy=False`: memoryviews into the mapped file instead of bytes (shards.tarstream)."""
     key, members = None, {}
-    with tarfile.open(path, "r") as tar:
-        for info in tar:
-            if not info.isfile():
-                continue
-            member_key, ext = contract.split_member_name(info.name)
-            if member_key != key and key is not None:
-                yield key, members
-                members = {}
-            key = member_key
-            members[ext] = tar.extractfile(info).read()
+    for name, data in iter_tar_members(path, copy=copy):
+        member_key, ext = contract.split_member_name(name)
+        if member_key != key and key is not None:
+            yield key, members
+            members = {}
+        key = member_key
+        members[ext] = data
     if key is not None:
         yield key, members
 

@@ -6,6 +6,7 @@ against the device's dense bf16/fp16 peak, where that peak is known.
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,7 @@ class Monitor:
         self._window_start = time.perf_counter()
         self._steps = 0
         self._data_seconds = 0.0
+        self._loss_sum, self._loss_count = 0.0, 0  # finite losses of the window (fp16 overflow skips some)
         self.writer = None
         if enabled:
             self._truncate_log(start_step)
@@ -79,6 +81,9 @@ class Monitor:
         """Record one step; every `every` steps return (and on rank 0 write) the record."""
         self._steps += 1
         self._data_seconds += stats["data_seconds"]
+        if math.isfinite(stats["loss"]):
+            self._loss_sum += stats["loss"]
+            self._loss_count += 1
         if step % self.every:
             return None
         elapsed = time.perf_counter() - self._window_start
@@ -86,6 +91,7 @@ class Monitor:
         record = {
             "step": step,
             "loss": stats["loss"],
+            "loss_avg": self._loss_sum / self._loss_count if self._loss_count else None,  # over the window
             "lr": stats["lr"],
             "loss_scale": stats["loss_scale"],
             "grad_norm": stats["grad_norm"],
@@ -99,6 +105,7 @@ class Monitor:
             per_device = img_per_s * self.flops_per_image / self.world_size
             record["mfu"] = round(per_device / (self.peak_tflops * 1e12), 4)
         self._window_start, self._steps, self._data_seconds = time.perf_counter(), 0, 0.0
+        self._loss_sum, self._loss_count = 0.0, 0
         if self.enabled:
             self._write(record)
         return record
@@ -112,7 +119,8 @@ class Monitor:
                     self.writer.add_scalar(f"train/{key}", value, record["step"])
         mfu = f"{record['mfu']:.1%}" if record["mfu"] is not None else "n/a"
         grad = f"{record['grad_norm']:.3f}" if record["grad_norm"] is not None else "n/a"
-        print(f"step {record['step']:>7} | loss {record['loss']:.4f} | lr {record['lr']:.3e} | "
+        average = f"{record['loss_avg']:.4f}" if record["loss_avg"] is not None else "n/a"
+        print(f"step {record['step']:>7} | loss {record['loss']:.4f} (avg {average}) | lr {record['lr']:.3e} | "
               f"scale {record['loss_scale']:g} | grad {grad} | {record['img_per_s']:.1f} img/s | "
               f"data wait {record['data_wait']:.0%} | mfu {mfu} | skipped {record['skipped_steps']} | "
               f"epoch {record['epoch']:.2f}", flush=True)

@@ -38,9 +38,10 @@ def test_loss_falls_and_the_checkpoint_describes_itself(tiny_train_dir, tmp_path
     log = read_log(run_dir)
     assert [r["step"] for r in log] == list(range(5, 31, 5))
     for record in log:
-        assert {"step", "loss", "lr", "loss_scale", "img_per_s", "data_wait", "mfu", "skipped_steps"} <= set(record)
-    first, last = (log[0]["loss"] + log[1]["loss"]) / 2, (log[-1]["loss"] + log[-2]["loss"]) / 2
-    assert last < first - 0.05, [r["loss"] for r in log]
+        assert {"step", "loss", "loss_avg", "lr", "loss_scale", "img_per_s", "data_wait", "mfu", "skipped_steps"} <= set(record)
+    # window means (5 steps of 32 images each): one step's loss moves by ~0.03 from batch to batch
+    first, last = log[0]["loss_avg"], log[-1]["loss_avg"]
+    assert last < first - 0.05, [r["loss_avg"] for r in log]
     assert log[-1]["lr"] < log[1]["lr"]  # cosine decay after warmup
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     resolved = load_config(run_dir / "config.yaml")
