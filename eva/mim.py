@@ -29,9 +29,9 @@ class MIMModel(nn.Module):
         Rows follow `tensor[mask]` order (row-major), so `loss(pred, targets[mask])` pairs them up
         whatever the number of masked patches per image.
         """
-        x = self.backbone.forward_features(images, mask, self.mask_token)  # [B, 1+N, D]
+        x = self.backbone.forward_tokens(images, mask, self.mask_token)  # [B, 1+N, D]
         x = x[:, 1:][mask]  # [M, D]: cls dropped, masked tokens only
-        return self.head(x)  # [M, target_dim]
+        return self.head(self.backbone.norm(x))  # [M, target_dim]; LayerNorm is per token
 
     def no_weight_decay(self) -> set[str]:
         return {f"backbone.{name}" for name in self.backbone.no_weight_decay()} | {"mask_token"}

@@ -194,7 +194,12 @@ class VisionTransformer(nn.Module):
         return {"pos_embed", "cls_token"}
 
     def forward_features(self, x: Tensor, mask: Tensor | None = None, mask_token: Tensor | None = None) -> Tensor:
-        """[B, 3, H, W] images -> [B, 1+N, D] tokens after the final norm.
+        """[B, 3, H, W] images -> [B, 1+N, D] tokens after the final norm (see `forward_tokens`)."""
+        return self.norm(self.forward_tokens(x, mask, mask_token))
+
+    def forward_tokens(self, x: Tensor, mask: Tensor | None = None, mask_token: Tensor | None = None) -> Tensor:
+        """[B, 3, H, W] images -> [B, 1+N, D] tokens after the last block, before the final norm
+        (per token, so a caller that needs a few tokens normalises only those).
 
         With `mask` ([B, N] bool, True = masked) the patch embeddings of masked patches are replaced
         by `mask_token` ([1, 1, D]) before the position embedding is added (BEiT); every token goes
@@ -210,7 +215,7 @@ class VisionTransformer(nn.Module):
         x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1) + self.pos_embed  # [B, 1+N, D]
         for blk in self.blocks:
             x = blk(x)
-        return self.norm(x)
+        return x
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_features(x)
