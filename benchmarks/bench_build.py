@@ -34,6 +34,9 @@ from pathlib import Path
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # img2dataset imports albumentations, which phones PyPI
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from pipeline.local_ray import keep_embedded_ray_on_loopback  # noqa: E402
+
+keep_embedded_ray_on_loopback(sys.argv)  # before ray is imported
 
 import numpy as np  # noqa: E402
 import ray  # noqa: E402

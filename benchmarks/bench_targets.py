@@ -22,6 +22,10 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO_ROOT), str(REPO_ROOT / "tests")]
 
+from pipeline.local_ray import keep_embedded_ray_on_loopback  # noqa: E402
+
+keep_embedded_ray_on_loopback(sys.argv)  # before ray is imported
+
 from pipeline.ray_runner import ray_session  # noqa: E402
 from pipeline.target_stage import StageOptions, measure_bare_forward, run_target_stage  # noqa: E402
 from shards import contract  # noqa: E402

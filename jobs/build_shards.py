@@ -17,6 +17,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, also under ray job submit
 
+from pipeline.local_ray import keep_embedded_ray_on_loopback  # noqa: E402
+
+keep_embedded_ray_on_loopback(sys.argv)  # before anything imports ray
+
 from pipeline.build_images import BuildOptions, run  # noqa: E402
 from pipeline.robots import DEFAULT_DISALLOWED_DIRECTIVES  # noqa: E402
 

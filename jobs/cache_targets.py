@@ -17,6 +17,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, also under ray job submit
 
+from pipeline.local_ray import keep_embedded_ray_on_loopback  # noqa: E402
+
+keep_embedded_ray_on_loopback(sys.argv)  # before anything imports ray
+
 from eva.teacher import TeacherError  # noqa: E402
 from eva.views import ViewPolicy  # noqa: E402
 from pipeline.target_stage import StageOptions, run_target_stage  # noqa: E402

@@ -20,6 +20,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))  # plain `python jobs/pretrain.py` from a checkout
 
 from eva.train.config import Config, ConfigError, load_config  # noqa: E402
+from pipeline.local_ray import keep_embedded_ray_on_loopback  # noqa: E402
 
 
 def train_worker(loop_config: dict) -> None:
@@ -69,10 +70,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     address = args.ray_address or os.environ.get("RAY_ADDRESS")
-    if not address:
-        # A local Ray otherwise advertises this machine's network address (ray.init resolves
-        # 127.0.0.1 to it), and Ray Train would rendezvous the process group there: keep it on loopback.
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    if not address:  # Ray Train's process group rendezvous on loopback too
+        keep_embedded_ray_on_loopback([])
     import ray
     import ray.train
     from ray.train import FailureConfig, RunConfig, ScalingConfig

@@ -9,7 +9,12 @@ import urllib.request
 
 import pytest
 
+from pipeline.local_ray import keep_embedded_ray_on_loopback
 from testkit import VENV_BIN, free_port
+
+# Every Ray the tests start (the `ray start` cluster, embedded ones, those of subprocess jobs) keeps
+# to 127.0.0.1 instead of this machine's network address. Set before any test module imports ray.
+keep_embedded_ray_on_loopback([])
 
 
 @pytest.fixture(scope="session")

@@ -35,6 +35,7 @@ class ModelConfig:
     target_dim: int | None = None  # head width; null: the teacher's dim (manifest or online teacher)
     fused_attn: bool = True        # scaled_dot_product_attention
     compile: bool = False          # torch.compile each block (regional: same state-dict keys)
+    grad_checkpointing: bool = False  # recompute block activations in backward: less memory, ~1/3 more compute
 
 
 @dataclass

@@ -179,6 +179,7 @@ def run(cfg: Config, report: Callable[[dict], None] | None = None) -> dict[str, 
     torch.manual_seed(cfg.seed)  # identical init on every rank
     model = create_mim_model(cfg.model.name, data.target_dim, drop_path_rate=cfg.model.drop_path,
                              fused_attn=cfg.model.fused_attn)
+    model.backbone.set_grad_checkpointing(cfg.model.grad_checkpointing)
     engine = engine_lib.build_engine(model, cfg, dist_info)
     meta_base = {"variant": cfg.model.name, "config": cfg.to_dict(), "train_manifest_sha256": data.manifest_sha256,
                  "train_dir": str(data.directory)}

@@ -86,6 +86,40 @@ def test_init_follows_eva():
     assert model.norm.eps == 1e-6 and model.blocks[0].norm1.eps == 1e-6
 
 
+def saved_activation_bytes(model: VisionTransformer, x: torch.Tensor) -> tuple[int, dict[str, torch.Tensor], torch.Tensor]:
+    """Bytes autograd keeps for backward (parameters excluded), the gradients, and the output."""
+    params = {p.data_ptr() for p in model.parameters()}
+    saved = []
+
+    def pack(tensor):
+        if tensor.data_ptr() not in params:
+            saved.append(tensor.numel() * tensor.element_size())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model.forward_features(x)
+    out.square().mean().backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    return sum(saved), grads, out.detach()
+
+
+def test_grad_checkpointing_gives_the_same_gradients_with_fewer_saved_activations():
+    torch.manual_seed(0)
+    model = create_vit("tiny", drop_path_rate=0.3).train()  # drop path: recomputation must redraw the same mask
+    x = torch.randn(4, 3, 64, 64)
+    torch.manual_seed(1)
+    plain_bytes, plain_grads, plain_out = saved_activation_bytes(model, x)
+    model.set_grad_checkpointing(True)
+    torch.manual_seed(1)
+    ckpt_bytes, ckpt_grads, ckpt_out = saved_activation_bytes(model, x)
+    assert torch.equal(plain_out, ckpt_out)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(ckpt_grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+    assert ckpt_bytes < plain_bytes / 3, (ckpt_bytes, plain_bytes)  # block inputs only, not their insides
+    assert "grad_checkpointing" not in model.kwargs  # a runtime choice: checkpoints and exports do not carry it
+
+
 def test_drop_path_is_linear_over_depth_and_off_in_eval():
     torch.manual_seed(0)
     model = create_vit("tiny", drop_path_rate=0.3)

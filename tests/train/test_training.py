@@ -156,12 +156,14 @@ def test_online_teacher_mode_trains_on_image_shards(tmp_path):
 
 
 def test_two_process_deepspeed_run_and_exact_resume(tiny_train_dir, tmp_path):
-    """torchrun, 2 ranks on gloo, ZeRO-1: 4 steps straight == 2 steps, stop, resume to 4."""
+    """torchrun, 2 ranks on gloo, ZeRO-1, activation checkpointing: 4 steps straight == 2 steps,
+    stop, resume to 4."""
     def torchrun(run_dir: Path) -> subprocess.CompletedProcess:
         launcher = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
                     "--master_port", str(free_port())]
         return run_trainer(f"data.train={tiny_train_dir}", f"run_dir={run_dir}", "train.steps=4",
-                           "checkpoint.every=2", *FAST, "data.num_workers=1", launcher=launcher)
+                           "checkpoint.every=2", *FAST, "data.num_workers=1", "model.grad_checkpointing=true",
+                           launcher=launcher)
 
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     torchrun(straight)
