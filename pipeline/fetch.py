@@ -5,8 +5,8 @@ timeout bounds each socket operation, not the response, so a body that never end
 that drips bytes holds a thread forever (img2dataset issue #437), and urllib follows redirects to
 any address, including loopback and private networks (server-side request forgery). Here:
 - http and https only; malformed URLs are caught before any traffic;
-- each hop's host is resolved and checked (`pipeline.addresses`), and the connection goes to the
-  checked address;
+- each hop's host is resolved (within the deadline) and checked (`pipeline.addresses`), and the
+  connection goes to the checked address;
 - redirects are followed by hand, at most `max_redirects` hops, each hop checked again; a URL
   seen twice is a redirect loop;
 - the body is read in chunks against one deadline for the whole fetch (all hops included) and a
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from urllib.parse import quote, urljoin, urlsplit
 
 from pipeline import statuses
-from pipeline.addresses import resolve_host
+from pipeline.addresses import LookupTimeout, resolve_host
 from pipeline.deadline import DeadlineWatchdog, Watch
 from pipeline.robots import DEFAULT_DISALLOWED_DIRECTIVES, is_disallowed
 from pipeline.statuses import RowFailure
@@ -128,7 +128,10 @@ class Fetcher:
 
     def _get(self, target: Target, watch: Watch) -> bytes | str:
         """One request: the body (bytes) or a redirect's Location (str)."""
-        address = resolve_host(target.host, target.port, self.policy.allow_private_addresses)
+        try:
+            address = resolve_host(target.host, target.port, self.policy.allow_private_addresses, watch.remaining())
+        except LookupTimeout as error:
+            raise self._timeout() from error
         if watch.remaining() <= 0:
             raise self._timeout()
         if target.scheme == "https":

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import inspect
+import socket
+import threading
 import time
 from http.client import HTTPMessage
 
@@ -90,6 +92,25 @@ def test_deadline_bounds_the_whole_fetch(server, fetch, which):
     elapsed = time.monotonic() - started
     assert caught.status == statuses.TIMEOUT and "deadline" in caught.message
     assert TIMEOUT_S - 0.1 <= elapsed < TIMEOUT_S + 1.0
+
+
+def test_deadline_bounds_a_host_name_lookup_that_never_answers(fetch, monkeypatch):
+    # A DNS server that never answers: getaddrinfo blocks until the resolver gives up (tens of
+    # seconds); the fetch must still end at its deadline, without any traffic.
+    release = threading.Event()
+
+    def silent_resolver(*args, **kwargs):
+        release.wait(30)
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+    monkeypatch.setattr(socket, "getaddrinfo", silent_resolver)
+    started = time.monotonic()
+    try:
+        caught = failure(fetch, "http://images.example/a.jpg")
+    finally:
+        release.set()
+    assert caught.status == statuses.TIMEOUT and "deadline" in caught.message
+    assert time.monotonic() - started < TIMEOUT_S + 1.0
 
 
 @pytest.mark.parametrize("url,status", [
