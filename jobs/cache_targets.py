@@ -65,6 +65,9 @@ def parse_args(argv: list[str] | None) -> StageOptions:
                         help="the student's patch grid GHxGW; refuse a teacher with another grid")
     parser.add_argument("--expected-dim", type=int, default=None, help="refuse a teacher with another feature dim")
     parser.add_argument("--retries", type=int, default=2, help="retries per shard")
+    parser.add_argument("--shard-timeout", type=float, default=None, metavar="S",
+                        help="restart the actor of a shard that runs longer than S seconds, and retry the "
+                             "shard (default: no limit; set a few times the expected shard time)")
     parser.add_argument("--actors", type=int, default=None, help="teacher actors (default: one per GPU, or 1)")
     parser.add_argument("--decode-workers", type=int, default=None, help="decode/crop threads per actor")
     parser.add_argument("--ray-address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or embedded)")
@@ -75,6 +78,7 @@ def parse_args(argv: list[str] | None) -> StageOptions:
         images=args.images, output=args.output, teacher=args.teacher, weights=args.teacher_weights,
         views=args.views, dtype=args.dtype, batch_size=args.batch_size, device=args.device,
         precision=args.precision, seed=args.seed, teacher_seed=args.teacher_seed, retries=args.retries,
+        shard_timeout_s=args.shard_timeout,
         ray_address=args.ray_address, expected_grid=args.expected_grid, expected_dim=args.expected_dim,
         actors=args.actors, decode_workers=args.decode_workers, allow_missing_shards=args.allow_missing_shards,
         policy=ViewPolicy(scale=args.crop_scale, ratio=args.crop_ratio, flip_p=args.flip_p),

@@ -43,14 +43,18 @@ def run_shards(
     describe: Callable[[list[ShardOutcome], float], dict] | None = None,
     task_timeout_s: float | None = None,
     progress_label: str = "shards",
+    on_timeout: Callable[["ray.ObjectRef"], None] | None = None,
 ) -> RunSummary:
     """Submit `submit(shard_id)` for every shard, at most `max_in_flight` at a time.
 
     `check(shard_id, result)` raises when a returned result is not a finished shard (for
     example the marker is missing); that counts as a failed attempt like a task exception. A
-    task running longer than `task_timeout_s` is cancelled and retried. `describe(outcomes,
-    elapsed)` feeds the progress bar's postfix (images/s, success rate, ...).
+    task running longer than `task_timeout_s` (from submission) is stopped by `on_timeout(ref)`,
+    by default a forced cancel (actor tasks cannot be force-cancelled: the target stage restarts
+    the actor), and retried. `describe(outcomes, elapsed)` feeds the progress bar's postfix
+    (images/s, success rate, ...).
     """
+    stop = on_timeout or (lambda ref: ray.cancel(ref, force=True))
     started = time.time()
     pending = list(shard_ids)[::-1]  # pop() from the end keeps shard order
     attempts = {shard_id: 0 for shard_id in shard_ids}
@@ -91,12 +95,13 @@ def run_shards(
                 now = time.time()
                 for ref, (shard_id, since) in list(in_flight.items()):
                     if now - since > task_timeout_s:
-                        ray.cancel(ref, force=True)
+                        stop(ref)
                         in_flight.pop(ref)
                         finish_attempt(shard_id, f"timed out after {task_timeout_s:.0f} s")
     finally:
         for ref in in_flight:
-            ray.cancel(ref, force=True)
+            with contextlib.suppress(ValueError):  # actor tasks refuse force=True; their actors are killed
+                ray.cancel(ref, force=True)
         bar.close()
     summary.outcomes.sort(key=lambda o: o.shard_id)
     summary.seconds = time.time() - started

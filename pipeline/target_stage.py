@@ -47,6 +47,7 @@ class StageOptions:
     expected_dim: int | None = None
     actors: int | None = None     # default: one per GPU, or one CPU actor
     decode_workers: int | None = None
+    shard_timeout_s: float | None = None  # a shard running longer restarts its actor and is retried
     allow_missing_shards: bool = False
     policy: ViewPolicy = field(default_factory=ViewPolicy)
 
@@ -57,6 +58,8 @@ class StageOptions:
             raise TargetStageError(f"--dtype must be one of {contract.TARGET_DTYPES}, got {self.dtype!r}")
         if self.batch_size < 1:
             raise TargetStageError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.shard_timeout_s is not None and self.shard_timeout_s <= 0:
+            raise TargetStageError(f"--shard-timeout must be > 0 seconds, got {self.shard_timeout_s:g}")
         if self.device not in DEVICES:
             raise TargetStageError(f"--device must be one of {DEVICES}, got {self.device!r}")
         if self.precision != "auto" and self.precision not in PRECISIONS:
@@ -155,6 +158,9 @@ def resolve_device(requested: str) -> str:
     return requested
 
 
+ACTOR_RESTART_TIMEOUT_S = 600
+
+
 class _LeastLoaded:
     """Sends each shard to the actor with the fewest unfinished shards."""
 
@@ -173,6 +179,29 @@ class _LeastLoaded:
         ref = self.actors[index].cache_shard.remote(shard_id)
         self.refs[index].append(ref)
         return ref
+
+    def restart_actor_of(self, ref) -> None:
+        """A shard hung (a stuck read, a wedged device): Ray cannot cancel a running actor task,
+        so the actor is killed, Ray restarts it, and this waits until its teacher is loaded again
+        (a task sent to a restarting actor fails). Rare, so the driver simply waits."""
+        import ray
+
+        for actor, refs in zip(self.actors, self.refs):
+            if ref in refs:
+                refs.clear()  # with a timeout an actor runs one shard at a time: this one
+                ray.kill(actor, no_restart=False)
+                deadline = time.time() + ACTOR_RESTART_TIMEOUT_S
+                while True:
+                    try:
+                        ray.get(actor.ready.remote())
+                        return
+                    except ray.exceptions.ActorUnavailableError:
+                        if time.time() > deadline:
+                            raise TargetStageError(f"a teacher actor did not come back within "
+                                                   f"{ACTOR_RESTART_TIMEOUT_S} s of its restart") from None
+                        time.sleep(0.5)
+                    except ray.exceptions.RayError as error:
+                        raise TargetStageError(f"a teacher actor failed to restart: {error}") from error
 
 
 def log(message: str) -> None:
@@ -233,10 +262,15 @@ def run_target_stage(options: StageOptions) -> dict[str, Any]:
             except ray.exceptions.RayError as error:
                 raise TargetStageError(f"a teacher actor failed to start: {error}") from error
             stage_started = time.time()
+            scheduler = _LeastLoaded(actors)
+            # With a timeout, one shard per actor at a time: its clock then measures its own run,
+            # and restarting a hung actor takes no healthy shard down with it.
+            per_actor = 2 if options.shard_timeout_s is None else 1
             summary = run_shards(
-                plan["todo"], _LeastLoaded(actors).submit, _result_check(output, plan["identity"]),
-                max_in_flight=2 * actor_count, retries=options.retries, describe=_progress(options.views),
-                progress_label="target shards",
+                plan["todo"], scheduler.submit, _result_check(output, plan["identity"]),
+                max_in_flight=per_actor * actor_count, retries=options.retries, describe=_progress(options.views),
+                progress_label="target shards", task_timeout_s=options.shard_timeout_s,
+                on_timeout=scheduler.restart_actor_of,
             )
             stage_seconds = time.time() - stage_started
         finally:
@@ -305,8 +339,9 @@ def _actor_setup(options: StageOptions, spec, plan: dict, upstream: Upstream) ->
         precision=plan["precision"], seed=options.seed, teacher_seed=options.teacher_seed, policy=options.policy,
         decode_workers=decode_workers, torch_threads=torch_threads,
     )
+    # Restarts are unbounded: every failed or timed-out task still costs its shard an attempt.
     actor_options = {"num_cpus": cpus_per_actor, "num_gpus": 1 if plan["device"] == "cuda" else 0,
-                     "max_restarts": 2, "max_task_retries": 0}
+                     "max_restarts": -1, "max_task_retries": 0}
     return config, actor_options, count
 
 

@@ -214,6 +214,24 @@ def test_incomplete_image_directory_is_reported_and_failing_shards_are_kept_for_
     assert run_verify(output).returncode == 0
 
 
+def test_a_hung_shard_times_out_and_restarts_its_actor_while_the_others_finish(workspace, ray_cluster, tmp_path, capsys):
+    """A read that never returns (the tar is a FIFO nobody writes: a stuck network filesystem) must
+    not stall the stage: the actor is restarted, the shard is reported, the rest are cached."""
+    images, output = tmp_path / "images", tmp_path / "train"
+    shutil.copytree(workspace["images"].path, images)
+    (images / "000004.tar").unlink()
+    os.mkfifo(images / "000004.tar")
+    args = stage_args(workspace, output, "--retries", "0", "--shard-timeout", "10",
+                      "--ray-address", ray_cluster["address"])
+    args[args.index("--images") + 1] = str(images)
+    started = time.monotonic()
+    assert cache_targets.main(args) == 1
+    error = capsys.readouterr().err
+    assert "1 shard(s) failed after 1 attempt(s): 000004: timed out after 10 s" in error
+    assert completed_shards(output) == [s for s in range(SHARDS) if s != 4]  # shards after the hang too
+    assert time.monotonic() - started < 120
+
+
 def test_bad_teacher_fails_before_any_shard_is_written(workspace, tmp_path, capsys):
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(os.urandom(256))
