@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import stat
 import struct
 from pathlib import Path
 from typing import Iterator
@@ -36,10 +37,16 @@ def iter_tar_members(path: str | Path, copy: bool = True) -> Iterator[tuple[str,
     that relies on (a file truncated under a live map faults its reader).
     """
     with open(path, "rb") as handle:
-        size_on_disk = os.fstat(handle.fileno()).st_size
-        if size_on_disk == 0:
+        status = os.fstat(handle.fileno())
+        if not stat.S_ISREG(status.st_mode):
+            raise TarFormatError(f"{path}: not a regular file")
+        if status.st_size == 0:
             return
-        mapping = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+        try:
+            mapping = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+        except OSError as error:
+            raise OSError(error.errno, f"{path}: cannot be memory-mapped ({error.strerror}); shards must be on "
+                                       "a filesystem that supports mmap (local disk, NFS and Lustre do)") from error
     mapped = memoryview(mapping)
     try:
         yield from _members(mapped, path, copy)

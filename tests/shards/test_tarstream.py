@@ -97,3 +97,8 @@ def test_views_without_copies_outlive_the_reader(tmp_path):
     name, first = next(reader)
     reader.close()  # an abandoned reader: its views stay readable
     assert (name, bytes(first)) == MEMBERS[0]
+
+
+def test_a_device_or_pipe_is_not_read_as_an_empty_archive():
+    with pytest.raises(TarFormatError, match="/dev/null: not a regular file"):
+        list(iter_tar_members("/dev/null"))
