@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from eva.loss import negative_cosine_loss
 from eva.masking import BlockMaskGenerator
 from eva.mim import MIMModel, create_mim_model, param_groups
+from eva.train.monitor import train_flops_per_image
 from eva.vit import timm_eva_kwargs
 
 EVA_MASK_RATIO = 105 / 256
@@ -58,16 +59,6 @@ class TimmMIM(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         return {"backbone.pos_embed", "backbone.cls_token", "mask_token"}
-
-
-def train_flops_per_image(model: MIMModel, masked_per_image: float) -> float:
-    """Matmul FLOPs of forward + backward (3x forward) for one image."""
-    kw = model.backbone.kwargs
-    d, hidden, n = kw["embed_dim"], kw["mlp_hidden_dim"], model.backbone.num_patches
-    t = n + 1
-    per_block = t * (4 * d * d + 2 * d * hidden) + 2 * t * t * d  # qkv+proj, mlp, q.k and attn.v (MACs)
-    macs = n * 3 * kw["patch_size"] ** 2 * d + kw["depth"] * per_block + masked_per_image * d * model.target_dim
-    return 3 * 2 * macs
 
 
 def synchronize(device: torch.device) -> None:
@@ -149,7 +140,7 @@ def main() -> None:
 
     img_s = {name: float(np.median(values)) for name, values in rates.items()}
     ratio = float(np.median(np.array(rates["ours"]) / np.array(rates["timm"])))
-    flops = train_flops_per_image(ours, float(mask.sum()) / args.batch)
+    flops = train_flops_per_image(ours.backbone.kwargs, ours.target_dim, float(mask.sum()) / args.batch)
     result = {
         "benchmark": "model_step",
         "machine": torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()} x{os.cpu_count()} cpus, {torch.get_num_threads()} threads",

@@ -29,8 +29,14 @@ class MIMModel(nn.Module):
         Rows follow `tensor[mask]` order (row-major), so `loss(pred, targets[mask])` pairs them up
         whatever the number of masked patches per image.
         """
-        x = self.backbone.forward_tokens(images, mask, self.mask_token)  # [B, 1+N, D]
-        x = x[:, 1:][mask]  # [M, D]: cls dropped, masked tokens only
+        # The last block computes only the masked tokens (the loss reads nothing else): their
+        # indices per image in patch order, padded to the largest count with a repeat.
+        counts = mask.sum(1)  # [B]
+        order = torch.argsort((~mask).to(torch.uint8), dim=1, stable=True)  # masked patches first
+        width = int(counts.max())
+        queries = order[:, :width] + 1  # [B, Q]: +1 skips the cls token
+        x = self.backbone.forward_tokens(images, mask, self.mask_token, last_queries=queries)  # [B, Q, D]
+        x = x[torch.arange(width, device=mask.device) < counts.unsqueeze(1)]  # [M, D], tensor[mask] order
         return self.head(self.backbone.norm(x))  # [M, target_dim]; LayerNorm is per token
 
     def no_weight_decay(self) -> set[str]:

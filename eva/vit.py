@@ -82,11 +82,16 @@ class Attention(nn.Module):
         self.v_bias = nn.Parameter(torch.zeros(dim))
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, queries: Tensor | None = None) -> Tensor:
+        """[B, T, D] -> [B, T, D]; with `queries` ([B, Q] token indices) only those tokens' outputs,
+        [B, Q, D], still attending to all T tokens."""
         B, T, D = x.shape
         qkv_bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))  # k has no bias
         qkv = F.linear(x, self.qkv.weight, qkv_bias).reshape(B, T, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # [B, h, T, d] each
+        if queries is not None:
+            T = queries.shape[1]
+            q = q.gather(2, queries[:, None, :, None].expand(B, self.num_heads, T, self.head_dim))  # [B, h, Q, d]
         if self.fused_attn:
             x = F.scaled_dot_product_attention(q, k, v)
         else:
@@ -132,8 +137,10 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, mlp_hidden_dim)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.drop_path1(self.attn(self.norm1(x)))
+    def forward(self, x: Tensor, queries: Tensor | None = None) -> Tensor:
+        """[B, T, D] -> [B, T, D], or [B, Q, D] for the tokens `queries` ([B, Q] indices) names."""
+        shortcut = x if queries is None else x.gather(1, queries.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        x = shortcut + self.drop_path1(self.attn(self.norm1(x), queries))
         return x + self.drop_path2(self.mlp(self.norm2(x)))
 
 
@@ -205,13 +212,15 @@ class VisionTransformer(nn.Module):
         """[B, 3, H, W] images -> [B, 1+N, D] tokens after the final norm (see `forward_tokens`)."""
         return self.norm(self.forward_tokens(x, mask, mask_token))
 
-    def forward_tokens(self, x: Tensor, mask: Tensor | None = None, mask_token: Tensor | None = None) -> Tensor:
+    def forward_tokens(self, x: Tensor, mask: Tensor | None = None, mask_token: Tensor | None = None,
+                       last_queries: Tensor | None = None) -> Tensor:
         """[B, 3, H, W] images -> [B, 1+N, D] tokens after the last block, before the final norm
         (per token, so a caller that needs a few tokens normalises only those).
 
         With `mask` ([B, N] bool, True = masked) the patch embeddings of masked patches are replaced
         by `mask_token` ([1, 1, D]) before the position embedding is added (BEiT); every token goes
-        through every block.
+        through every block. With `last_queries` ([B, Q] token indices) the last block computes
+        only those tokens, [B, Q, D]: the others' outputs would be thrown away.
         """
         if (mask is None) != (mask_token is None):
             raise ValueError("mask and mask_token must be given together")
@@ -222,8 +231,9 @@ class VisionTransformer(nn.Module):
             x = torch.where(mask.unsqueeze(-1), mask_token, x)
         x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1) + self.pos_embed  # [B, 1+N, D]
         checkpointing = self.grad_checkpointing and torch.is_grad_enabled()
-        for blk in self.blocks:
-            x = checkpoint(blk, x, use_reentrant=False) if checkpointing else blk(x)
+        for i, blk in enumerate(self.blocks):
+            queries = last_queries if i == len(self.blocks) - 1 else None
+            x = checkpoint(blk, x, queries, use_reentrant=False) if checkpointing else blk(x, queries)
         return x
 
     def forward(self, x: Tensor) -> Tensor:

@@ -39,13 +39,15 @@ def device_peak_tflops(device: torch.device, precision: str) -> float | None:
 
 
 def train_flops_per_image(model_kwargs: dict, target_dim: int, masked_tokens: float) -> float:
-    """Matmul FLOPs of one training image: 3 x forward (patch embed, blocks, head on masked tokens)."""
+    """Matmul FLOPs of one training image: 3 x forward (patch embed, blocks, head on masked tokens).
+    The last block computes outputs for the masked tokens only (keys and values for all)."""
     d, h, depth = model_kwargs["embed_dim"], model_kwargs["mlp_hidden_dim"], model_kwargs["depth"]
     p = model_kwargs["patch_size"]
     n = (model_kwargs["img_size"] // p) ** 2
-    t = n + 1
-    blocks = depth * (8 * t * d * d + 4 * t * d * h + 4 * t * t * d)  # qkv+proj, mlp, q.k and attn.v
-    forward = 2 * n * 3 * p * p * d + blocks + 2 * masked_tokens * d * target_dim
+    t, m = n + 1, masked_tokens
+    block = 8 * t * d * d + 4 * t * d * h + 4 * t * t * d  # qkv+proj, mlp, q.k and attn.v
+    last_block = 6 * t * d * d + 2 * m * d * d + 4 * m * d * h + 4 * m * t * d
+    forward = 2 * n * 3 * p * p * d + (depth - 1) * block + last_block + 2 * m * d * target_dim
     return 3.0 * forward
 
 

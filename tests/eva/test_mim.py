@@ -38,6 +38,33 @@ def test_forward_returns_masked_tokens_in_boolean_index_order(model):
     torch.testing.assert_close(pred, one_by_one, atol=1e-5, rtol=1e-5)
 
 
+def full_last_block(model: MIMModel, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The plain definition: every token through every block, then the masked ones to the head."""
+    tokens = model.backbone.forward_features(images, mask, model.mask_token)
+    return model.head(tokens[:, 1:][mask])
+
+
+@pytest.mark.parametrize("fused_attn", [True, False])
+def test_last_block_on_masked_tokens_only_equals_the_full_computation(fused_attn):
+    torch.manual_seed(0)
+    model = create_mim_model("tiny", TARGET_DIM, drop_path_rate=0.2, fused_attn=fused_attn).train()
+    images, mask = torch.randn(4, 3, 64, 64), block_masks(4, seed=3)
+    mask[1, :] = False
+    mask[1, 5] = True  # one masked patch: most of this image's query rows are padding
+    targets = torch.randn(4, 64, TARGET_DIM)[mask]
+    results = []
+    for forward in (model, lambda i, m: full_last_block(model, i, m)):
+        torch.manual_seed(1)  # drop path draws the same per-sample masks either way
+        pred = forward(images, mask)
+        negative_cosine_loss(pred, targets).backward()
+        results.append((pred.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+        model.zero_grad(set_to_none=True)
+    (pred, grads), (reference, reference_grads) = results
+    torch.testing.assert_close(pred, reference, atol=1e-5, rtol=1e-5)
+    for name, grad in reference_grads.items():
+        torch.testing.assert_close(grads[name], grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
 def test_pixels_inside_masked_patches_do_not_matter(model):
     images = torch.randn(2, 3, 64, 64)
     mask = block_masks(2, seed=1)
