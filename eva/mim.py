@@ -1,7 +1,9 @@
 """The MIM model: backbone with a learned mask token, and a linear head to the teacher's feature dim.
 
 BEiT-style, as EVA-01: masked patch embeddings are replaced by the mask token, every token goes
-through every block, and the head predicts teacher features for the masked tokens only.
+through every block, and the head predicts teacher features for the masked tokens only. Since
+nothing else is read, the last block computes outputs for the masked tokens only (attending to
+all of them): the same predictions and gradients for less work.
 """
 from __future__ import annotations
 
