@@ -89,17 +89,18 @@ class Attention(nn.Module):
         qkv_bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))  # k has no bias
         qkv = F.linear(x, self.qkv.weight, qkv_bias).reshape(B, T, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # [B, h, T, d] each
+        rows = T
         if queries is not None:
-            T = queries.shape[1]
-            q = q.gather(2, queries[:, None, :, None].expand(B, self.num_heads, T, self.head_dim))  # [B, h, Q, d]
+            rows = queries.shape[1]
+            q = q.gather(2, queries[:, None, :, None].expand(B, self.num_heads, rows, self.head_dim))  # [B, h, Q, d]
         if self.fused_attn:
             x = F.scaled_dot_product_attention(q, k, v)
         else:
             with torch.autocast(x.device.type, enabled=False):
-                attn = (q.float() * self.scale) @ k.float().transpose(-2, -1)  # [B, h, T, T]
+                attn = (q.float() * self.scale) @ k.float().transpose(-2, -1)  # [B, h, T or Q, T]
                 attn = attn.softmax(dim=-1)
             x = attn.to(v.dtype) @ v
-        return self.proj(x.transpose(1, 2).reshape(B, T, D))  # [B, T, D]
+        return self.proj(x.transpose(1, 2).reshape(B, rows, D))  # [B, T or Q, D]
 
 
 class Mlp(nn.Module):

@@ -32,9 +32,11 @@ def lookup(host: str, port: int, timeout_s: float) -> list:
     """socket.getaddrinfo, or LookupTimeout after `timeout_s`."""
     try:
         ipaddress.ip_address(host.strip("[]"))
-        return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)  # a literal address: no DNS
+        literal = True
     except ValueError:
-        pass
+        literal = False
+    if literal:  # no DNS to wait for
+        return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     outcome: dict = {}
     done = threading.Event()
 
