@@ -30,10 +30,10 @@ from skimage import data as skdata  # noqa: E402
 REPO_ROOT = Path(__file__).resolve().parents[1]
 import sys  # noqa: E402
 
-sys.path[:0] = [str(REPO_ROOT), str(REPO_ROOT / "benchmarks")]
+sys.path.insert(0, str(REPO_ROOT))
 
 from eva.train.config import config_from_dict  # noqa: E402
-from report import emit, machine  # noqa: E402
+from report import emit, machine  # noqa: E402  (benchmarks/, this script's directory)
 from eva.train.data import LoaderState, ShardStream, open_train_data  # noqa: E402
 from eva.views import ViewPolicy, draw_views, render_view  # noqa: E402
 from shards import contract  # noqa: E402

@@ -14,10 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import json
-import os
-import platform
 import time
 
 import numpy as np
@@ -30,6 +27,7 @@ from eva.masking import BlockMaskGenerator
 from eva.mim import MIMModel, create_mim_model, param_groups
 from eva.train.monitor import train_flops_per_image
 from eva.vit import timm_eva_kwargs
+from report import machine  # benchmarks/, this script's directory
 
 EVA_MASK_RATIO = 105 / 256
 EVA_MIN_BLOCK_RATIO = 16 / 256
@@ -143,9 +141,7 @@ def main() -> None:
     flops = train_flops_per_image(ours.backbone.kwargs, ours.target_dim, float(mask.sum()) / args.batch)
     result = {
         "benchmark": "model_step",
-        "machine": torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()} x{os.cpu_count()} cpus, {torch.get_num_threads()} threads",
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "torch": torch.__version__,
+        "machine": machine(device),
         "variant": args.variant,
         "precision": args.precision,
         "batch": args.batch,

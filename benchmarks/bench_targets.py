@@ -31,9 +31,7 @@ from pipeline.target_stage import StageOptions, measure_bare_forward, run_target
 from shards import contract  # noqa: E402
 from shards.reader import completed_shards, iter_tar  # noqa: E402
 from support_shards import TINY_TEACHER_CONFIG, make_image_shard_dir  # noqa: E402
-
-sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
-from report import emit, machine  # noqa: E402
+from report import emit, machine  # noqa: E402  (benchmarks/, this script's directory)
 
 
 def target_bytes_per_view(directory: Path, views: int) -> dict:
@@ -94,7 +92,8 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "benchmark": "bench_targets", "machine": machine(bare["device"]),
         "teacher": args.teacher, "weights": args.teacher_weights, "device": bare["device"],
-        "precision": bare["precision"], "teacher_torch_threads": bare["torch_threads"], "batch_size": args.batch_size, "views_per_image": args.views,
+        "precision": bare["precision"], "teacher_torch_threads": bare["torch_threads"],
+        "batch_size": args.batch_size, "views_per_image": args.views,
         "images": args.shards * args.images_per_shard, "stored_image_short_side": args.image_size,
         "bare_teacher_views_per_s": round(bare_views_per_s, 2),
         "bare_teacher_views_per_s_before_after": [bare["views_per_s"], bare_after["views_per_s"]],

@@ -161,7 +161,7 @@ def run_timm(args) -> dict:
         torch.cuda.reset_peak_memory_stats()
     first, seconds = timed(torch, device, step, args.steps, args.warmup)
     n = (kwargs["img_size"] // kwargs["patch_size"]) ** 2
-    flops = train_flops_per_image(kwargs, settings["target_dim"], n)  # head on every patch token
+    flops = train_flops_per_image(kwargs, settings["target_dim"], n)  # head and last block on every patch
     return {**_result(torch, device, settings, first, seconds, flops, sum(p.numel() for p in model.parameters())),
             "timm_model": name or "timm.models.eva.Eva(same architecture)"}
 
