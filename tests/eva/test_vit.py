@@ -178,13 +178,30 @@ def test_attention_logits_do_not_overflow_in_fp16(fused_attn):
     torch.testing.assert_close(out.float(), reference(x.float()), atol=0.05, rtol=0.01)
 
 
-def test_layernorm_computes_in_fp32_for_half_inputs():
-    norm = LayerNorm(32, eps=1e-6).half()
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_layernorm_computes_in_fp32_for_half_inputs(device, dtype):
+    """Output and gradients equal the explicit fp32 computation (on CUDA the half kernel is called
+    directly: at most one rounding step apart)."""
+    norm = LayerNorm(1408, eps=1e-6).to(device, dtype)
     with torch.no_grad():
-        norm.weight.copy_(torch.linspace(0.5, 1.5, 32))
-    x = (300 + torch.randn(4, 32)).half()  # x^2 exceeds the fp16 range
-    expected = F.layer_norm(x.float(), (32,), norm.weight.float(), norm.bias.float(), 1e-6).half()
-    assert torch.equal(norm(x), expected)
+        norm.weight.copy_(torch.linspace(0.5, 1.5, 1408))
+        norm.bias.copy_(torch.linspace(-0.1, 0.1, 1408))
+    x = (300 + torch.randn(64, 1408, device=device)).to(dtype).requires_grad_()  # x^2 exceeds the fp16 range
+    out = norm(x)
+    x32, w32, b32 = (t.detach().float().requires_grad_() for t in (x, norm.weight, norm.bias))
+    expected = F.layer_norm(x32, (1408,), w32, b32, 1e-6)
+    grad = torch.randn_like(expected)
+    out.backward(grad.to(dtype))
+    expected.backward(grad.to(dtype).float())
+    one_step = torch.finfo(dtype).eps  # relative spacing of the half type
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    torch.testing.assert_close(out.float(), expected.to(dtype).float(), rtol=one_step, atol=one_step)
+    for ours, reference in ((x, x32), (norm.weight, w32), (norm.bias, b32)):
+        torch.testing.assert_close(ours.grad.float(), reference.grad.to(dtype).float(), rtol=2 * one_step, atol=2 * one_step)
 
 
 def test_half_model_forward_is_finite_and_close_to_fp32():
