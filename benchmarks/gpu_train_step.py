@@ -36,9 +36,15 @@ sys.path.insert(0, str(REPO_ROOT))
 
 TARGET_IMG_PER_S = 300  # per H100, EVA-g
 TIMM_ANCHOR = {"eager": 221, "compiled": 254, "device": "NVIDIA H100 80GB HBM3", "batch": 64, "precision": "bf16"}
-COMPILE_BUDGET_S = 200  # start the compiled runs only if the eager ones took less than this
+COMPILE_BUDGET_S = 240  # start the compiled runs only if the eager ones took less than this
 EXTRA_BUDGET_S = 300    # start the --extra-batch run only if everything before took less than this
 TOTAL_BUDGET_S = 420    # the whole command stays inside 7 minutes (a lent GPU's session has 15)
+
+# DeepSpeed settings --diagnose compares with the trainer's (each merged into its config)
+DIAGNOSE_DS_OVERRIDES = {
+    "overlap_comm": {"zero_optimization": {"overlap_comm": True}},
+    "no_bf16_overflow_check": {"bf16": {"check_grad_overflow": False}},
+}
 
 # Kernel kinds for the profile breakdown, by (lower-case) kernel name; first match wins.
 KERNEL_KINDS = (
@@ -161,6 +167,9 @@ def run_ours(args) -> dict:
         "mask": {"num_masking_patches": num_masking, "min_num_patches": min_patches},
         "train": {"steps": 1000, "batch_size": settings["batch"], "lr": 1.0e-4, "warmup_steps": 0},
     })
+    if args.ds_override:  # a DeepSpeed setting to compare (diagnosis): merged into the trainer's config
+        overrides, trainer_config = json.loads(args.ds_override), engine_lib.deepspeed_config
+        engine_lib.deepspeed_config = lambda c: merge_config(trainer_config(c), overrides)
     dist_info = engine_lib.init_distributed()
     torch.manual_seed(0)
     with device:  # initialised where it trains: a billion trunc-normal draws on the CPU take long
@@ -174,6 +183,85 @@ def run_ours(args) -> dict:
     def step():
         stats = train_one_step(engine, batches, 1.0e-4, ctx)
         share_step_results(stats["loss"], False, dist_info)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    first, seconds = timed(torch, device, step, args.steps, args.warmup)
+    masked = batch["mask"].sum().item() / settings["batch"]
+    flops = train_flops_per_image(model.backbone.kwargs, settings["target_dim"], masked)
+    result = _result(torch, device, settings, first, seconds, flops, sum(p.numel() for p in model.parameters()))
+    if args.phases and device.type == "cuda":
+        result["phases_ms"] = phase_times(torch, engine, batch, ctx, dist_info)
+    return with_profile(torch, device, step, result, args.profile)
+
+
+def merge_config(config: dict, overrides: dict) -> dict:
+    for key, value in overrides.items():
+        config[key] = merge_config(dict(config.get(key, {})), value) if isinstance(value, dict) else value
+    return config
+
+
+def phase_times(torch, engine, batch, ctx, dist_info, steps: int = 5) -> dict:
+    """Host and device time of each phase of the trainer's step (train_one_step's calls, in order),
+    from host clocks and CUDA events at the phase boundaries: where the device waits on the host."""
+    from eva.loss import negative_cosine_loss
+    from eva.train import engine as engine_lib
+    from eva.train.loop import share_step_results
+    from eva.views import normalize_pixels
+
+    names = ("forward_loss", "backward", "optimizer_step", "step_stats")
+    host = {name: 0.0 for name in names}
+    events = []
+    torch.cuda.synchronize()
+    for _ in range(steps):
+        marks = [torch.cuda.Event(enable_timing=True) for _ in range(len(names) + 1)]
+        clock = [time.perf_counter()]
+        marks[0].record()
+        engine_lib.set_lr(engine, 1.0e-4)
+        images = normalize_pixels(batch["images"], ctx.mean, ctx.std).to(ctx.dtype)
+        loss = negative_cosine_loss(engine(images, batch["mask"]), ctx.targets(batch)[batch["mask"]])
+        marks[1].record(); clock.append(time.perf_counter())
+        engine.backward(loss)
+        marks[2].record(); clock.append(time.perf_counter())
+        engine.step()
+        marks[3].record(); clock.append(time.perf_counter())
+        engine_lib.loss_scale(engine), engine_lib.grad_norm(engine), engine.was_step_applied()
+        share_step_results(loss.detach(), False, dist_info)
+        marks[4].record(); clock.append(time.perf_counter())
+        for i, name in enumerate(names):
+            host[name] += (clock[i + 1] - clock[i]) * 1e3 / steps
+        events.append(marks)
+    torch.cuda.synchronize()
+    device_ms = {name: sum(m[i].elapsed_time(m[i + 1]) for m in events) / steps for i, name in enumerate(names)}
+    return {name: {"host": round(host[name], 2), "device": round(device_ms[name], 2)} for name in names}
+
+
+def run_plain(args) -> dict:
+    """Our MIM model without DeepSpeed: bf16 autocast, fused AdamW, foreach clipping. Not a
+    trainer path: the reference that says what DeepSpeed's step costs on top of the model."""
+    torch, device, settings = setup(args)
+    from eva.loss import negative_cosine_loss
+    from eva.mim import create_mim_model, param_groups
+    from eva.train.monitor import train_flops_per_image
+    from eva.views import CLIP_MEAN, CLIP_STD, normalize_pixels
+
+    num_masking, min_patches = mask_geometry(settings)
+    torch.manual_seed(0)
+    with device:
+        model = create_mim_model(settings["variant"], settings["target_dim"])
+    optimizer = torch.optim.AdamW(param_groups(model, 0.05), lr=1.0e-4, betas=(0.9, 0.98), fused=device.type == "cuda")
+    batch = synthetic_batch(torch, device, settings, num_masking, min_patches)
+    mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (CLIP_MEAN, CLIP_STD))
+    dtype = torch.bfloat16 if settings["precision"] == "bf16" else torch.float16
+
+    def step():
+        with torch.autocast(device.type, dtype=dtype, enabled=settings["precision"] != "fp32"):
+            pred = model(normalize_pixels(batch["images"], mean, std), batch["mask"])
+        loss = negative_cosine_loss(pred, batch["targets"][batch["mask"]])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 3.0, foreach=True)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -240,7 +328,8 @@ def _result(torch, device, settings, first, seconds, flops_per_image, params) ->
     return out
 
 
-def child(args, which: str, compile_: bool, started: float, batch: int | None = None) -> dict:
+def child(args, which: str, compile_: bool, started: float, batch: int | None = None,
+          ds_override: dict | None = None) -> dict:
     """Run one measurement in a fresh process (memory and process group of its own)."""
     command = [sys.executable, __file__, "--only", which, "--steps", str(args.steps), "--warmup", str(args.warmup)]
     for flag, value in (("batch", batch or args.batch), ("variant", args.variant), ("precision", args.precision)):
@@ -250,6 +339,10 @@ def child(args, which: str, compile_: bool, started: float, batch: int | None = 
         command.append("--compile")
     if not args.no_profile:
         command.append("--profile")
+    if args.diagnose and which == "ours":
+        command.append("--phases")
+    if ds_override:
+        command += ["--ds-override", json.dumps(ds_override)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     timeout = max(30.0, TOTAL_BUDGET_S - (time.time() - started))
     try:
@@ -274,12 +367,16 @@ def main() -> None:
     parser.add_argument("--no-profile", action="store_true", help="skip the per-kernel-kind breakdown")
     parser.add_argument("--extra-batch", type=int, default=None,
                         help="also measure ours at this batch (compiled on GPU), if time allows")
-    parser.add_argument("--only", choices=("ours", "timm"), help=argparse.SUPPRESS)
+    parser.add_argument("--diagnose", action="store_true",
+                        help="GPU: also time the step's phases, DeepSpeed settings, and our model without DeepSpeed")
+    parser.add_argument("--only", choices=("ours", "timm", "plain"), help=argparse.SUPPRESS)
+    parser.add_argument("--phases", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--ds-override", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--compile", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--profile", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.only:
-        print(json.dumps(run_ours(args) if args.only == "ours" else run_timm(args)), flush=True)
+        print(json.dumps({"ours": run_ours, "timm": run_timm, "plain": run_plain}[args.only](args)), flush=True)
         return
 
     torch, device, settings = setup(args)
@@ -288,20 +385,31 @@ def main() -> None:
     started = time.time()
     results = {"machine": machine(device), **settings, "timed_steps": args.steps}
 
-    def measure(key: str, which: str, compile_: bool, batch: int | None = None) -> None:
-        results[key] = child(args, which, compile_, started, batch)
+    def measure(key: str, which: str, compile_: bool, batch: int | None = None, ds_override: dict | None = None) -> None:
+        results[key] = child(args, which, compile_, started, batch, ds_override)
         print(f"{key}: {json.dumps({k: v for k, v in results[key].items() if k != 'profile'})}", flush=True)
         if args.out:  # what is measured so far survives a run cut short
             args.out.write_text(json.dumps(results, indent=1) + "\n")
 
     measure("ours_eager", "ours", False)
     measure("timm_eager", "timm", False)
+    chosen = None  # DeepSpeed override for the runs below: --diagnose takes the faster shippable one
+    if args.diagnose and device.type == "cuda":
+        for name, override in DIAGNOSE_DS_OVERRIDES.items():
+            measure(f"diag_ours_eager_{name}", "ours", False, ds_override=override)
+        measure("diag_plain_eager", "plain", False)
+        overlap = results["diag_ours_eager_overlap_comm"].get("img_per_s", 0)
+        if overlap > results["ours_eager"].get("img_per_s", 0):
+            chosen = DIAGNOSE_DS_OVERRIDES["overlap_comm"]
+        results["compiled_runs_ds_override"] = chosen
     if device.type == "cuda" and not args.no_compile and time.time() - started < COMPILE_BUDGET_S:
-        measure("ours_compiled", "ours", True)
-        measure("timm_compiled", "timm", True)
+        measure("ours_compiled", "ours", True, ds_override=chosen)
+        if not args.diagnose:  # (diagnosis: timm's compiled figure from a plain run on the same card)
+            measure("timm_compiled", "timm", True)
     if args.extra_batch and time.time() - started < EXTRA_BUDGET_S:
         compiled = device.type == "cuda" and not args.no_compile
-        measure(f"ours_{'compiled' if compiled else 'eager'}_batch{args.extra_batch}", "ours", compiled, args.extra_batch)
+        measure(f"ours_{'compiled' if compiled else 'eager'}_batch{args.extra_batch}", "ours", compiled,
+                args.extra_batch, ds_override=chosen)
 
     def best(prefix: str, same_batch: bool = True) -> float:
         return max((r.get("img_per_s", 0) for k, r in results.items() if isinstance(r, dict)
