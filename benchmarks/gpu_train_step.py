@@ -177,7 +177,8 @@ def run_ours(args) -> dict:
     engine = engine_lib.build_engine(model, cfg, dist_info)
     batch = synthetic_batch(torch, device, settings, num_masking, min_patches)
     channel = lambda values: torch.tensor(values, device=device).view(1, 3, 1, 1)  # noqa: E731
-    ctx = StepContext(device, DTYPES[settings["precision"]], channel(CLIP_MEAN), channel(CLIP_STD), grad_accum=1)
+    ctx = StepContext(device, DTYPES[settings["precision"]], channel(CLIP_MEAN), channel(CLIP_STD), grad_accum=1,
+                      mask_width=num_masking)
     batches = itertools.repeat(batch)
 
     def step():
@@ -219,7 +220,8 @@ def phase_times(torch, engine, batch, ctx, dist_info, steps: int = 5) -> dict:
         marks[0].record()
         engine_lib.set_lr(engine, 1.0e-4)
         images = normalize_pixels(batch["images"], ctx.mean, ctx.std).to(ctx.dtype)
-        loss = negative_cosine_loss(engine(images, batch["mask"]), ctx.targets(batch)[batch["mask"]])
+        out = engine(images, batch["mask"], ctx.mask_width)
+        loss = negative_cosine_loss(out.pred, out.gather(ctx.targets(batch)), out.valid)
         marks[1].record(); clock.append(time.perf_counter())
         engine.backward(loss)
         marks[2].record(); clock.append(time.perf_counter())
@@ -256,8 +258,8 @@ def run_plain(args) -> dict:
 
     def step():
         with torch.autocast(device.type, dtype=dtype, enabled=settings["precision"] != "fp32"):
-            pred = model(normalize_pixels(batch["images"], mean, std), batch["mask"])
-        loss = negative_cosine_loss(pred, batch["targets"][batch["mask"]])
+            out = model(normalize_pixels(batch["images"], mean, std), batch["mask"], num_masking)
+        loss = negative_cosine_loss(out.pred, out.gather(batch["targets"]), out.valid)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 3.0, foreach=True)
         optimizer.step()

@@ -478,7 +478,7 @@ def masked_predictions(
     """The model's predictions on the masked patches of `samples`: [M, D] float32 on CPU, tensor[mask] order."""
     images = torch.stack([to_normalized_tensor(s.view, mean, std) for s in samples]).to(device)
     mask = torch.from_numpy(masks.reshape(len(samples), -1)).to(device)  # [B, N]
-    return model(images, mask).float().cpu()
+    return model(images, mask).rows().float().cpu()
 
 
 @torch.no_grad()

@@ -7,10 +7,32 @@ all of them): the same predictions and gradients for less work.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor, nn
 
 from eva.vit import VisionTransformer, create_vit, init_trunc_normal_
+
+
+class MaskedPredictions(NamedTuple):
+    """The head's output for each image's masked patches, padded to a common width.
+
+    Row q of image b predicts patch `index[b, q]`; rows past that image's masked count are padding
+    (`valid` False). Fixed shapes, so the training step never waits on the device for a count.
+    """
+
+    pred: Tensor   # [B, Q, target_dim]
+    index: Tensor  # [B, Q] patch index (0..N-1) of each row: masked patches in patch order, then padding
+    valid: Tensor  # [B, Q] bool, False for padding
+
+    def rows(self) -> Tensor:
+        """[M, target_dim], M = mask.sum(): the valid rows in `tensor[mask]` order (reads the device)."""
+        return self.pred[self.valid]
+
+    def gather(self, per_patch: Tensor) -> Tensor:
+        """[B, N, D] per-patch values (teacher targets) -> [B, Q, D], row for row with `pred`."""
+        return per_patch.gather(1, self.index.unsqueeze(-1).expand(-1, -1, per_patch.shape[-1]))
 
 
 class MIMModel(nn.Module):
@@ -25,21 +47,26 @@ class MIMModel(nn.Module):
             init_trunc_normal_(self.head.weight)
             nn.init.zeros_(self.head.bias)
 
-    def forward(self, images: Tensor, mask: Tensor) -> Tensor:
-        """[B, 3, H, W] images, [B, N] bool mask -> [M, target_dim] predictions, M = mask.sum().
+    def forward(self, images: Tensor, mask: Tensor, width: int | None = None) -> MaskedPredictions:
+        """[B, 3, H, W] images, [B, N] bool mask -> predictions for the masked patches.
 
-        Rows follow `tensor[mask]` order (row-major), so `loss(pred, targets[mask])` pairs them up
-        whatever the number of masked patches per image.
+        `width`: rows per image, at least the largest masked count per image (the mask generator's
+        `num_masking_patches` bounds it). Training passes it: fixed shapes, and no wait on the device.
+        Left out, it is read from the mask, which waits for the device.
         """
-        # The last block computes only the masked tokens (the loss reads nothing else): their
-        # indices per image in patch order, padded to the largest count with a repeat.
         counts = mask.sum(1)  # [B]
-        order = torch.argsort((~mask).to(torch.uint8), dim=1, stable=True)  # masked patches first
-        width = int(counts.max())
-        queries = order[:, :width] + 1  # [B, Q]: +1 skips the cls token
-        x = self.backbone.forward_tokens(images, mask, self.mask_token, last_queries=queries)  # [B, Q, D]
-        x = x[torch.arange(width, device=mask.device) < counts.unsqueeze(1)]  # [M, D], tensor[mask] order
-        return self.head(self.backbone.norm(x))  # [M, target_dim]; LayerNorm is per token
+        if width is None:
+            width = int(counts.max())
+        elif not 0 < width <= mask.shape[1]:
+            raise ValueError(f"width {width} must be in [1, {mask.shape[1]}] (patches per image)")
+        else:  # checked on the device without waiting for it; a larger count would lose masked patches
+            torch._assert_async(counts.max() <= width)
+        # The last block computes only the masked tokens (the loss reads nothing else): their
+        # indices per image in patch order, then unmasked ones as padding.
+        index = torch.argsort((~mask).to(torch.uint8), dim=1, stable=True)[:, :width]  # [B, Q]
+        valid = torch.arange(width, device=mask.device) < counts.unsqueeze(1)          # [B, Q]
+        x = self.backbone.forward_tokens(images, mask, self.mask_token, last_queries=index + 1)  # +1: cls token
+        return MaskedPredictions(self.head(self.backbone.norm(x)), index, valid)  # LayerNorm is per token
 
     def no_weight_decay(self) -> set[str]:
         return {f"backbone.{name}" for name in self.backbone.no_weight_decay()} | {"mask_token"}

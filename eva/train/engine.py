@@ -82,6 +82,8 @@ def deepspeed_config(cfg) -> dict:
         "zero_optimization": {"stage": cfg.zero_stage},
         "steps_per_print": 2**31 - 1,  # progress is ours (eva.train.monitor)
         "wall_clock_breakdown": False,
+        # DeepSpeed's throughput timer waits for the device at every forward and step; ours does not
+        "timers": {"throughput": {"enabled": False}},
     }
     if cfg.precision == "bf16":
         config["bf16"] = {"enabled": True}

@@ -41,6 +41,7 @@ class StepContext:
     mean: torch.Tensor                 # [1, 3, 1, 1] student normalisation
     std: torch.Tensor
     grad_accum: int
+    mask_width: int                    # prediction rows per image: the mask's num_masking_patches bounds the count
     teacher: torch.nn.Module | None = None   # online mode
     teacher_mean: torch.Tensor | None = None
     teacher_std: torch.Tensor | None = None
@@ -65,9 +66,8 @@ def train_one_step(engine, batches: Iterator[dict], lr: float, ctx: StepContext)
         data_seconds += time.perf_counter() - started
         images = normalize_pixels(batch["images"].to(ctx.device, non_blocking=True), ctx.mean, ctx.std).to(ctx.dtype)  # [B, 3, S, S]
         mask = batch["mask"].to(ctx.device, non_blocking=True)                        # [B, N] bool
-        targets = ctx.targets(batch)                                                  # [B, N, D]
-        pred = engine(images, mask)                                                   # [M, D] forward
-        loss = negative_cosine_loss(pred, targets[mask])
+        out = engine(images, mask, ctx.mask_width)                                    # forward: [B, Q, D] predictions
+        loss = negative_cosine_loss(out.pred, out.gather(ctx.targets(batch)), out.valid)  # over masked patches
         engine.backward(loss)                                                         # backward (+ reduce at the boundary)
         engine.step()                                                                 # optimizer step at the boundary
         loss_sum += loss.detach()
@@ -192,7 +192,7 @@ def run(cfg: Config, report: Callable[[dict], None] | None = None) -> dict[str, 
     images_per_step = cfg.train.batch_size * cfg.train.grad_accum * dist_info.world_size
     dtype = DTYPES[cfg.precision]
     ctx = StepContext(device, dtype, _channel_tensor(cfg.data.mean, device), _channel_tensor(cfg.data.std, device),
-                      cfg.train.grad_accum)
+                      cfg.train.grad_accum, cfg.mask.num_masking_patches)
     if teacher is not None:
         ctx.teacher, ctx.teacher_mean, ctx.teacher_std = teacher, _channel_tensor(teacher.mean, device), _channel_tensor(teacher.std, device)
     monitor = Monitor(run_dir, cfg.log.every, dist_info.is_main, cfg.log.tensorboard, progress.step, images_per_step,

@@ -139,7 +139,7 @@ def oracle_targets(model: MIMModel, images: list[Image.Image], views: list[list[
         mask = fixed_mask(generator, mask_seed, index).reshape(-1)
         pixels = to_normalized_tensor(decoded_view0(image, sample_views))[None]
         target = rng.normal(size=(len(sample_views), mask.size, model.target_dim)).astype(np.float32)
-        target[0][mask] = model(pixels, torch.from_numpy(mask)[None]).numpy()
+        target[0][mask] = model(pixels, torch.from_numpy(mask)[None]).rows().numpy()
         targets.append(target)
     return targets
 

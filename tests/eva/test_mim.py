@@ -31,10 +31,10 @@ def test_forward_returns_masked_tokens_in_boolean_index_order(model):
     mask[0, :] = False
     mask[0, :3] = True  # counts differ per image
     assert len(set(mask.sum(1).tolist())) > 1
-    pred = model(images, mask)
+    pred = model(images, mask).rows()
     assert pred.shape == (int(mask.sum()), TARGET_DIM)
     # image by image, concatenated: the rows of tensor[mask]
-    one_by_one = torch.cat([model(images[i : i + 1], mask[i : i + 1]) for i in range(4)])
+    one_by_one = torch.cat([model(images[i : i + 1], mask[i : i + 1]).rows() for i in range(4)])
     torch.testing.assert_close(pred, one_by_one, atol=1e-5, rtol=1e-5)
 
 
@@ -53,7 +53,7 @@ def test_last_block_on_masked_tokens_only_equals_the_full_computation(fused_attn
     mask[1, 5] = True  # one masked patch: most of this image's query rows are padding
     targets = torch.randn(4, 64, TARGET_DIM)[mask]
     results = []
-    for forward in (model, lambda i, m: full_last_block(model, i, m)):
+    for forward in (lambda i, m: model(i, m).rows(), lambda i, m: full_last_block(model, i, m)):
         torch.manual_seed(1)  # drop path draws the same per-sample masks either way
         pred = forward(images, mask)
         negative_cosine_loss(pred, targets).backward()
@@ -72,17 +72,17 @@ def test_pixels_inside_masked_patches_do_not_matter(model):
     changed = torch.where(pixel_mask, 1e3 * torch.randn_like(images), images)
     tokens = model.backbone.forward_features(images, mask, model.mask_token)
     assert torch.equal(tokens, model.backbone.forward_features(changed, mask, model.mask_token))
-    assert torch.equal(model(images, mask), model(changed, mask))
+    assert torch.equal(model(images, mask).rows(), model(changed, mask).rows())
     # ... while the visible pixels do
     visible_changed = torch.where(pixel_mask, images, images + 1)
-    assert not torch.allclose(model(images, mask), model(visible_changed, mask))
+    assert not torch.allclose(model(images, mask).rows(), model(visible_changed, mask).rows())
 
 
 def test_training_step_reaches_every_parameter(model):
     model.train()
     images, mask = torch.randn(2, 3, 64, 64), block_masks(2)
     targets = torch.randn(2, 64, TARGET_DIM)
-    loss = negative_cosine_loss(model(images, mask), targets[mask])
+    loss = negative_cosine_loss(model(images, mask).rows(), targets[mask])
     loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
 
@@ -133,5 +133,50 @@ def test_loss_is_negative_cosine_in_fp32():
 def test_loss_rejects_mismatched_or_empty_inputs():
     with pytest.raises(ValueError, match=r"\[10, 16\] and \[10, 8\]"):
         negative_cosine_loss(torch.randn(10, 16), torch.randn(10, 8))
-    with pytest.raises(ValueError, match="M = 0"):
+    with pytest.raises(ValueError, match="got none"):
         negative_cosine_loss(torch.randn(0, 16), torch.randn(0, 16))
+    with pytest.raises(ValueError, match=r"valid must be \[2, 5\]"):
+        negative_cosine_loss(torch.randn(2, 5, 16), torch.randn(2, 5, 16), torch.ones(2, 4, dtype=torch.bool))
+
+
+def test_padded_loss_equals_the_loss_over_masked_rows():
+    """The training path (fixed width, padding rows weighted out) gives the loss and gradients of
+    the plain definition over tensor[mask] rows; padding never leaks in, not even a NaN."""
+    torch.manual_seed(0)
+    model = create_mim_model("tiny", TARGET_DIM).train()
+    images, mask = torch.randn(4, 3, 64, 64), block_masks(4, seed=5)
+    mask[2, :] = False
+    mask[2, 7] = True
+    targets = torch.randn(4, 64, TARGET_DIM)
+    width = int(mask.sum(1).max()) + 6  # padding rows in every image
+    results = []
+    for padded in (True, False):
+        if padded:
+            out = model(images, mask, width)
+            assert out.pred.shape == (4, width, TARGET_DIM) and out.valid.sum() == mask.sum()
+            assert torch.equal(out.gather(targets)[out.valid], targets[mask])
+            loss = negative_cosine_loss(out.pred, out.gather(targets), out.valid)
+        else:
+            loss = negative_cosine_loss(model(images, mask).rows(), targets[mask])
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+        model.zero_grad(set_to_none=True)
+    (loss, grads), (reference, reference_grads) = results
+    torch.testing.assert_close(loss, reference, atol=1e-6, rtol=1e-5)
+    for name, grad in reference_grads.items():
+        torch.testing.assert_close(grads[name], grad, atol=1e-6, rtol=1e-4, msg=name)
+    pred, valid = torch.randn(2, 3, 8), torch.tensor([[True, True, False], [True, False, False]])
+    pred[~valid] = float("nan")
+    assert torch.isfinite(negative_cosine_loss(pred, torch.randn(2, 3, 8), valid))
+
+
+def test_width_must_hold_every_masked_patch():
+    model = create_mim_model("tiny", TARGET_DIM).eval()
+    images, mask = torch.randn(2, 3, 64, 64), block_masks(2, seed=2)
+    most = int(mask.sum(1).max())
+    assert model(images, mask, most).valid.sum() == mask.sum()
+    for width in (0, 65):
+        with pytest.raises(ValueError, match=rf"width {width} must be in \[1, 64\]"):
+            model(images, mask, width)
+    with pytest.raises(RuntimeError):  # checked on the device (here: the CPU, at once)
+        model(images, mask, most - 1)
