@@ -151,13 +151,24 @@ def mask_geometry(settings) -> tuple[int, int]:
     return (105, 16) if settings["variant"] != "tiny" else (26, 4)  # EVA-01's, and tiny_cpu.yaml's
 
 
+def measure_mim_step(torch, device, settings, args, step, model, batch) -> dict:
+    """Time `step` on our MIM model; FLOPs count the masked patches of `batch`."""
+    from eva.train.monitor import train_flops_per_image
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    first, seconds = timed(torch, device, step, args.steps, args.warmup)
+    masked = batch["mask"].sum().item() / settings["batch"]
+    flops = train_flops_per_image(model.backbone.kwargs, settings["target_dim"], masked)
+    return _result(torch, device, settings, first, seconds, flops, sum(p.numel() for p in model.parameters()))
+
+
 def run_ours(args) -> dict:
     torch, device, settings = setup(args)
     from eva.mim import create_mim_model
     from eva.train import engine as engine_lib
     from eva.train.config import config_from_dict
     from eva.train.loop import DTYPES, StepContext, share_step_results, train_one_step
-    from eva.train.monitor import train_flops_per_image
     from eva.views import CLIP_MEAN, CLIP_STD
 
     num_masking, min_patches = mask_geometry(settings)
@@ -185,12 +196,7 @@ def run_ours(args) -> dict:
         stats = train_one_step(engine, batches, 1.0e-4, ctx)
         share_step_results(stats["loss"], False, dist_info)
 
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    first, seconds = timed(torch, device, step, args.steps, args.warmup)
-    masked = batch["mask"].sum().item() / settings["batch"]
-    flops = train_flops_per_image(model.backbone.kwargs, settings["target_dim"], masked)
-    result = _result(torch, device, settings, first, seconds, flops, sum(p.numel() for p in model.parameters()))
+    result = measure_mim_step(torch, device, settings, args, step, model, batch)
     if args.phases and device.type == "cuda":
         result["phases_ms"] = phase_times(torch, engine, batch, ctx, dist_info)
     return with_profile(torch, device, step, result, args.profile)
@@ -244,7 +250,6 @@ def run_plain(args) -> dict:
     torch, device, settings = setup(args)
     from eva.loss import negative_cosine_loss
     from eva.mim import create_mim_model, param_groups
-    from eva.train.monitor import train_flops_per_image
     from eva.views import CLIP_MEAN, CLIP_STD, normalize_pixels
 
     num_masking, min_patches = mask_geometry(settings)
@@ -265,12 +270,7 @@ def run_plain(args) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    first, seconds = timed(torch, device, step, args.steps, args.warmup)
-    masked = batch["mask"].sum().item() / settings["batch"]
-    flops = train_flops_per_image(model.backbone.kwargs, settings["target_dim"], masked)
-    result = _result(torch, device, settings, first, seconds, flops, sum(p.numel() for p in model.parameters()))
+    result = measure_mim_step(torch, device, settings, args, step, model, batch)
     return with_profile(torch, device, step, result, args.profile)
 
 

@@ -44,6 +44,23 @@ def full_last_block(model: MIMModel, images: torch.Tensor, mask: torch.Tensor) -
     return model.head(tokens[:, 1:][mask])
 
 
+def output_and_grads(model, compute) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """`compute()` -> (output to compare, loss); backward, then the output and every gradient."""
+    torch.manual_seed(1)  # drop path draws the same per-sample masks for every `compute`
+    output, loss = compute()
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    return output.detach(), grads
+
+
+def assert_same_output_and_grads(first, second, atol: float) -> None:
+    (output, grads), (reference, reference_grads) = first, second
+    torch.testing.assert_close(output, reference, atol=atol, rtol=1e-5)
+    for name, grad in reference_grads.items():
+        torch.testing.assert_close(grads[name], grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
 @pytest.mark.parametrize("fused_attn", [True, False])
 def test_last_block_on_masked_tokens_only_equals_the_full_computation(fused_attn):
     torch.manual_seed(0)
@@ -52,17 +69,14 @@ def test_last_block_on_masked_tokens_only_equals_the_full_computation(fused_attn
     mask[1, :] = False
     mask[1, 5] = True  # one masked patch: most of this image's query rows are padding
     targets = torch.randn(4, 64, TARGET_DIM)[mask]
-    results = []
-    for forward in (lambda i, m: model(i, m).rows(), lambda i, m: full_last_block(model, i, m)):
-        torch.manual_seed(1)  # drop path draws the same per-sample masks either way
+
+    def compute(forward):
         pred = forward(images, mask)
-        negative_cosine_loss(pred, targets).backward()
-        results.append((pred.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
-        model.zero_grad(set_to_none=True)
-    (pred, grads), (reference, reference_grads) = results
-    torch.testing.assert_close(pred, reference, atol=1e-5, rtol=1e-5)
-    for name, grad in reference_grads.items():
-        torch.testing.assert_close(grads[name], grad, atol=1e-6, rtol=1e-4, msg=name)
+        return pred, negative_cosine_loss(pred, targets)
+
+    assert_same_output_and_grads(output_and_grads(model, lambda: compute(lambda i, m: model(i, m).rows())),
+                                 output_and_grads(model, lambda: compute(lambda i, m: full_last_block(model, i, m))),
+                                 atol=1e-5)
 
 
 def test_pixels_inside_masked_patches_do_not_matter(model):
@@ -149,22 +163,20 @@ def test_padded_loss_equals_the_loss_over_masked_rows():
     mask[2, 7] = True
     targets = torch.randn(4, 64, TARGET_DIM)
     width = int(mask.sum(1).max()) + 6  # padding rows in every image
-    results = []
-    for padded in (True, False):
-        if padded:
-            out = model(images, mask, width)
-            assert out.pred.shape == (4, width, TARGET_DIM) and out.valid.sum() == mask.sum()
-            assert torch.equal(out.gather(targets)[out.valid], targets[mask])
-            loss = negative_cosine_loss(out.pred, out.gather(targets), out.valid)
-        else:
-            loss = negative_cosine_loss(model(images, mask).rows(), targets[mask])
-        loss.backward()
-        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
-        model.zero_grad(set_to_none=True)
-    (loss, grads), (reference, reference_grads) = results
-    torch.testing.assert_close(loss, reference, atol=1e-6, rtol=1e-5)
-    for name, grad in reference_grads.items():
-        torch.testing.assert_close(grads[name], grad, atol=1e-6, rtol=1e-4, msg=name)
+    out = model(images, mask, width)
+    assert out.pred.shape == (4, width, TARGET_DIM) and out.valid.sum() == mask.sum()
+    assert torch.equal(out.gather(targets)[out.valid], targets[mask])
+
+    def padded():
+        out = model(images, mask, width)
+        loss = negative_cosine_loss(out.pred, out.gather(targets), out.valid)
+        return loss, loss
+
+    def rows():
+        loss = negative_cosine_loss(model(images, mask).rows(), targets[mask])
+        return loss, loss
+
+    assert_same_output_and_grads(output_and_grads(model, padded), output_and_grads(model, rows), atol=1e-6)
     pred, valid = torch.randn(2, 3, 8), torch.tensor([[True, True, False], [True, False, False]])
     pred[~valid] = float("nan")
     assert torch.isfinite(negative_cosine_loss(pred, torch.randn(2, 3, 8), valid))
