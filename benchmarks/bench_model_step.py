@@ -64,7 +64,16 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def make_step(model: nn.Module, device: torch.device, precision: str):
+def mim_loss(model: nn.Module, images: Tensor, mask: Tensor, targets: Tensor, width: int) -> Tensor:
+    """The loss as each model's trainer computes it: ours on padded predictions at the mask's
+    width (as eva.train.loop does), timm's on the boolean-selected rows."""
+    if isinstance(model, MIMModel):
+        out = model(images, mask, width)
+        return negative_cosine_loss(out.pred, out.gather(targets), out.valid)
+    return negative_cosine_loss(model(images, mask), targets[mask])
+
+
+def make_step(model: nn.Module, device: torch.device, precision: str, width: int):
     optimizer = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.98), eps=1e-6)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
@@ -72,7 +81,7 @@ def make_step(model: nn.Module, device: torch.device, precision: str):
     def step(images: Tensor, mask: Tensor, targets: Tensor) -> None:
         autocast = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
         with autocast:
-            loss = negative_cosine_loss(model(images, mask), targets)
+            loss = mim_loss(model, images, mask, targets, width)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
@@ -106,19 +115,19 @@ def main() -> None:
     ours = create_mim_model(args.variant, args.target_dim, drop_path_rate=args.drop_path)
     theirs = TimmMIM(ours)
     ours, theirs = ours.to(device), theirs.to(device)
-    steps = {"ours": make_step(ours, device, args.precision), "timm": make_step(theirs, device, args.precision)}
-
     grid = ours.backbone.grid_size
     n = ours.backbone.num_patches
     masker = BlockMaskGenerator(grid, round(EVA_MASK_RATIO * n), max(1, round(EVA_MIN_BLOCK_RATIO * n)))
+    width = masker.num_masking_patches
+    steps = {name: make_step(model, device, args.precision, width) for name, model in (("ours", ours), ("timm", theirs))}
     rng = np.random.default_rng(args.seed)
     mask = torch.from_numpy(np.stack([masker(rng).reshape(-1) for _ in range(args.batch)])).to(device)
     size = ours.backbone.img_size
     images = torch.randn(args.batch, 3, size, size, device=device)
-    targets = torch.randn(args.batch, n, args.target_dim, device=device)[mask]
+    targets = torch.randn(args.batch, n, args.target_dim, device=device)  # [B, N, D]
 
     with torch.no_grad():  # same weights and algorithm: the same predictions before training
-        torch.testing.assert_close(ours.eval()(images, mask), theirs.eval()(images, mask), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(ours.eval()(images, mask).rows(), theirs.eval()(images, mask), atol=1e-4, rtol=1e-4)
     ours.train(), theirs.train()
 
     for step in steps.values():
