@@ -1,9 +1,13 @@
 """Engine settings: the LR schedule and the DeepSpeed config the recipe turns into."""
 from __future__ import annotations
 
+import json
 import math
+import subprocess
+import sys
 
 import pytest
+import torch
 
 from trainer_fixtures import REPO_ROOT
 from eva.train.config import load_config
@@ -38,3 +42,67 @@ def test_bf16_and_fp32_configs():
     assert bf16["gradient_accumulation_steps"] == 4 and bf16["zero_optimization"] == {"stage": 2}
     fp32 = deepspeed_config(load_config(GIANT, ["precision=fp32"]))
     assert "bf16" not in fp32 and "fp16" not in fp32
+
+
+OVERFLOW_CHECK = r'''
+import json, sys
+import numpy as np
+import torch
+from eva.loss import negative_cosine_loss
+from eva.masking import BlockMaskGenerator
+from eva.mim import create_mim_model
+from eva.train import engine as engine_lib
+from eva.train.config import config_from_dict
+from eva.train.loop import DTYPES
+
+precision = sys.argv[1]
+cfg = config_from_dict({"model": {"name": "tiny"}, "data": {"train": "unused"}, "run_dir": "unused",
+                        "precision": precision, "train": {"steps": 10, "batch_size": 2, "lr": 1e-3, "warmup_steps": 0}})
+dist_info = engine_lib.init_distributed()
+torch.manual_seed(0)
+model = create_mim_model("tiny", 16)
+engine = engine_lib.build_engine(model, cfg, dist_info)
+
+def forbidden(*args, **kwargs):
+    raise AssertionError("the per-tensor overflow pass ran")
+
+engine.optimizer.has_overflow_partitioned_grads_serial = forbidden
+images = torch.randn(2, 3, 64, 64).to(DTYPES[precision])
+mask = torch.from_numpy(np.stack([BlockMaskGenerator((8, 8), 26, 4)(np.random.default_rng(i)).reshape(-1) for i in range(2)]))
+targets = torch.randn(2, 64, 16)
+
+def step(poison: bool):
+    out = engine(images, mask, 26)
+    loss = negative_cosine_loss(out.pred, out.gather(targets), out.valid)
+    hook = model.head.weight.register_hook(lambda g: torch.full_like(g, float("nan"))) if poison else None
+    engine.backward(loss)
+    engine.step()
+    if hook is not None:
+        hook.remove()
+    return {"loss_finite": bool(torch.isfinite(loss)), "applied": engine.was_step_applied()}
+
+def weights():
+    return {name: p.detach().clone() for name, p in engine.module.named_parameters()}
+
+before = weights()
+poisoned = step(poison=True)
+unchanged = all(torch.equal(before[name], p) for name, p in weights().items())
+clean = step(poison=False)
+changed = any(not torch.equal(before[name], p) for name, p in weights().items())
+print(json.dumps({"poisoned": poisoned, "unchanged_after_poisoned": unchanged, "clean": clean, "changed_after_clean": changed,
+                  "fast_path": engine.optimizer.has_overflow(True) is False}))
+'''
+
+
+@pytest.mark.parametrize("precision", [
+    "bf16", pytest.param("fp16", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="DeepSpeed runs fp16 on CUDA only"))])
+def test_a_non_finite_gradient_with_a_finite_loss_skips_the_step_without_the_per_tensor_pass(precision):
+    """The gradient-norm check alone catches a NaN gradient (the loss is finite): the step is not
+    applied and no weight moves; the next clean step applies. DeepSpeed's separate per-tensor
+    overflow pass never runs (it would raise)."""
+    result = subprocess.run([sys.executable, "-c", OVERFLOW_CHECK, precision], cwd=REPO_ROOT, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    outcome = json.loads(result.stdout.strip().splitlines()[-1])
+    assert outcome == {"poisoned": {"loss_finite": True, "applied": False}, "unchanged_after_poisoned": True,
+                       "clean": {"loss_finite": True, "applied": True}, "changed_after_clean": True, "fast_path": True}
