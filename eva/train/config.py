@@ -22,6 +22,7 @@ REQUIRED = "???"  # marks a value the config file or an override must provide
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 TARGET_MODES = ("cached", "online")
+COMPILE_SCOPES = ("blocks", "model")
 
 
 class ConfigError(ValueError):
@@ -34,7 +35,8 @@ class ModelConfig:
     drop_path: float = 0.0         # stochastic depth rate of the last block (linear over depth)
     target_dim: int | None = None  # head width; null: the teacher's dim (manifest or online teacher)
     fused_attn: bool = True        # scaled_dot_product_attention
-    compile: bool = False          # torch.compile each block (regional: same state-dict keys)
+    compile: bool = False          # torch.compile (in place: the state-dict keys stay)
+    compile_scope: str = "blocks"  # blocks: each block alone (short compile); model: the whole MIM model as one graph
     grad_checkpointing: bool = False  # recompute block activations in backward: less memory, ~1/3 more compute
 
 
@@ -267,6 +269,7 @@ def _check_values(cfg: Config) -> None:
         ("data.mean", len(cfg.data.mean) == 3, "three values (RGB)"),
         ("data.std", len(cfg.data.std) == 3 and all(s > 0 for s in cfg.data.std), "three positive values (RGB)"),
         ("model.drop_path", 0 <= cfg.model.drop_path < 1, "in [0, 1)"),
+        ("model.compile_scope", cfg.model.compile_scope in COMPILE_SCOPES, f"one of {', '.join(COMPILE_SCOPES)}"),
         ("data.teacher.model", cfg.data.targets != "online" or cfg.data.teacher.model, "set when data.targets is online"),
     ]
     for key, ok, expected in rules:

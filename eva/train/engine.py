@@ -106,9 +106,14 @@ def lr_at(step: int, cfg) -> float:
 def build_engine(model: MIMModel, cfg, dist_info: DistInfo):
     """DeepSpeed engine around `model` with AdamW (EVA's betas/eps, decay 0.05 except pos_embed,
     cls/mask tokens, biases and norms); the LR is set per step by the loop (`set_lr`)."""
-    if cfg.model.compile:
-        for block in model.backbone.blocks:
-            block.compile()  # regional: short compile, unchanged state-dict keys
+    if cfg.model.compile:  # in place: the state-dict keys stay
+        if cfg.model.compile_scope == "model":
+            # one graph: fusions across blocks; every gradient arrives at the end of backward. The
+            # forward alone, not nn.Module.compile(), which would trace DeepSpeed's module hooks too.
+            model.forward = torch.compile(model.forward)
+        else:
+            for block in model.backbone.blocks:
+                block.compile()  # regional: short compile; gradients arrive block by block
     optimizer = torch.optim.AdamW(
         param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr, betas=tuple(cfg.train.betas),
         eps=cfg.train.eps, fused=dist_info.device.type == "cuda",
