@@ -44,6 +44,7 @@ TOTAL_BUDGET_S = 420    # the whole command stays inside 7 minutes (a lent GPU's
 # DeepSpeed settings --diagnose compares with the trainer's (each merged into its config)
 DIAGNOSE_DS_OVERRIDES = {
     "overlap_comm": {"zero_optimization": {"overlap_comm": True}},
+    # diagnosis only: also turns off the gradient-norm check that skips non-finite steps (its sync)
     "no_bf16_overflow_check": {"bf16": {"check_grad_overflow": False}},
 }
 

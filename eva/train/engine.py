@@ -127,8 +127,8 @@ def build_engine(model: MIMModel, cfg, dist_info: DistInfo):
     return engine
 
 
-def detect_overflow_through_the_norm(optimizer) -> bool:
-    """Let ZeRO's gradient-norm check alone catch inf/NaN gradients; returns whether it does.
+def detect_overflow_through_the_norm(optimizer) -> None:
+    """Let ZeRO's gradient-norm check alone catch inf/NaN gradients.
 
     Before the norm, DeepSpeed's ZeRO optimizer tests every gradient tensor for inf/NaN (about
     seven small kernels per tensor, 529 tensors on EVA-g) and then waits for the device. The global
@@ -138,10 +138,8 @@ def detect_overflow_through_the_norm(optimizer) -> bool:
     no norm computed, or bf16 with DeepSpeed's overflow checking off.
     """
     norm_check_runs = getattr(optimizer, "compute_grad_norm", False) and getattr(optimizer, "check_grad_overflow", False)
-    if not (norm_check_runs and callable(getattr(optimizer, "has_overflow", None))):
-        return False
-    optimizer.has_overflow = lambda partition_gradients=True: False
-    return True
+    if norm_check_runs and callable(getattr(optimizer, "has_overflow", None)):
+        optimizer.has_overflow = lambda partition_gradients=True: False
 
 
 def set_lr(engine, lr: float) -> None:
