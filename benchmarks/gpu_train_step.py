@@ -37,9 +37,10 @@ sys.path.insert(0, str(REPO_ROOT))
 
 TARGET_IMG_PER_S = 300  # per H100, EVA-g
 TIMM_ANCHOR = {"eager": 221, "compiled": 254, "device": "NVIDIA H100 80GB HBM3", "batch": 64, "precision": "bf16"}
-COMPILE_BUDGET_S = 200  # start the compiled runs only if the eager ones took less than this
-EXTRA_BUDGET_S = 330    # start the --extra-batch run only if everything before took less than this
-TOTAL_BUDGET_S = 420    # the whole command stays inside 7 minutes (a lent GPU's session has 15)
+TOTAL_BUDGET_S = 420    # default --time-budget: 7 minutes (a lent GPU's session has 15 in all)
+# a run starts only while the time spent is under this share of the budget (runs take 40-100 s)
+COMPILE_BUDGET_SHARE = 0.48
+EXTRA_BUDGET_SHARE = 0.78
 
 # DeepSpeed settings --diagnose compares with the trainer's (each merged into its config)
 DIAGNOSE_DS_OVERRIDES = {
@@ -349,11 +350,11 @@ def child(args, which: str, compile_scope: str | None, started: float, batch: in
     if ds_override:
         command += ["--ds-override", json.dumps(ds_override)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    timeout = max(30.0, TOTAL_BUDGET_S - (time.time() - started))
+    timeout = max(30.0, args.time_budget - (time.time() - started))
     try:
         result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
     except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout:.0f} s (the command's budget is {TOTAL_BUDGET_S} s)"}
+        return {"error": f"timed out after {timeout:.0f} s (the command's budget is {args.time_budget} s)"}
     lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
     if result.returncode != 0 or not lines:
         return {"error": f"exit {result.returncode}: {(result.stderr or result.stdout)[-1500:]}"}
@@ -374,6 +375,8 @@ def main() -> None:
                         help="also measure ours at this batch (compiled on GPU), if time allows")
     parser.add_argument("--diagnose", action="store_true",
                         help="GPU: also time the step's phases, DeepSpeed settings, and our model without DeepSpeed")
+    parser.add_argument("--time-budget", type=float, default=TOTAL_BUDGET_S,
+                        help="seconds for the whole command: later runs are skipped or cut to stay inside it")
     parser.add_argument("--only", choices=("ours", "timm", "plain"), help=argparse.SUPPRESS)
     parser.add_argument("--phases", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--ds-override", default=None, help=argparse.SUPPRESS)
@@ -398,28 +401,27 @@ def main() -> None:
         if args.out:  # what is measured so far survives a run cut short
             args.out.write_text(json.dumps(results, indent=1) + "\n")
 
+    def spent_under(share: float) -> bool:
+        return time.time() - started < share * args.time_budget
+
     measure("ours_eager", "ours", None)
     measure("timm_eager", "timm", None)
-    chosen = None  # DeepSpeed override for the runs below: --diagnose takes the faster shippable one
-    if args.diagnose and device.type == "cuda":
-        for name, override in DIAGNOSE_DS_OVERRIDES.items():
-            measure(f"diag_ours_eager_{name}", "ours", None, ds_override=override)
-        measure("diag_plain_eager", "plain", None)
-        overlap = results["diag_ours_eager_overlap_comm"].get("img_per_s", 0)
-        if overlap > results["ours_eager"].get("img_per_s", 0):
-            chosen = DIAGNOSE_DS_OVERRIDES["overlap_comm"]
-        results["compiled_runs_ds_override"] = chosen
     scope = None  # the extra batch runs eager, or compiled with the faster scope
-    if device.type == "cuda" and not args.no_compile and time.time() - started < COMPILE_BUDGET_S:
-        measure("ours_compiled", "ours", "blocks", ds_override=chosen)        # each block compiled alone
-        measure("ours_compiled_model", "ours", "model", ds_override=chosen)   # the whole MIM model as one graph
+    if device.type == "cuda" and not args.no_compile and spent_under(COMPILE_BUDGET_SHARE):
+        measure("ours_compiled_model", "ours", "model")  # the whole MIM model as one graph
+        measure("ours_compiled", "ours", "blocks")       # each block compiled alone
         if not args.diagnose:  # (diagnosis: timm's compiled figure from a plain run on the same card)
             measure("timm_compiled", "timm", "model")
         scope = max(("blocks", "ours_compiled"), ("model", "ours_compiled_model"),
                     key=lambda s: results[s[1]].get("img_per_s", 0))[0]
-    if args.extra_batch and time.time() - started < EXTRA_BUDGET_S:
+    if args.extra_batch and spent_under(EXTRA_BUDGET_SHARE):
         measure(f"ours_{'compiled_' + scope if scope else 'eager'}_batch{args.extra_batch}", "ours", scope,
-                args.extra_batch, ds_override=chosen)
+                args.extra_batch)
+    if args.diagnose and device.type == "cuda":  # last: what is left of the budget, most telling first
+        measure("diag_plain_eager", "plain", None)
+        for name, override in DIAGNOSE_DS_OVERRIDES.items():
+            if spent_under(EXTRA_BUDGET_SHARE + 0.1):
+                measure(f"diag_ours_eager_{name}", "ours", None, ds_override=override)
 
     def best(prefix: str, same_batch: bool = True) -> float:
         return max((r.get("img_per_s", 0) for k, r in results.items() if isinstance(r, dict)
