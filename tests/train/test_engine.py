@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from trainer_fixtures import REPO_ROOT
+from trainer_fixtures import REPO_ROOT, free_port
 from eva.train.config import load_config
 from eva.train.engine import deepspeed_config, lr_at
 
@@ -67,9 +68,10 @@ def forbidden(*args, **kwargs):
     raise AssertionError("the per-tensor overflow pass ran")
 
 engine.optimizer.has_overflow_partitioned_grads_serial = forbidden
-images = torch.randn(2, 3, 64, 64).to(DTYPES[precision])
-mask = torch.from_numpy(np.stack([BlockMaskGenerator((8, 8), 26, 4)(np.random.default_rng(i)).reshape(-1) for i in range(2)]))
-targets = torch.randn(2, 64, 16)
+device = dist_info.device  # where the engine put the model (CUDA for fp16)
+images = torch.randn(2, 3, 64, 64).to(device, DTYPES[precision])
+mask = torch.from_numpy(np.stack([BlockMaskGenerator((8, 8), 26, 4)(np.random.default_rng(i)).reshape(-1) for i in range(2)])).to(device)
+targets = torch.randn(2, 64, 16, device=device)
 
 def step(poison: bool):
     out = engine(images, mask, 26)
@@ -106,3 +108,64 @@ def test_a_non_finite_gradient_with_a_finite_loss_skips_the_step_without_the_per
     outcome = json.loads(result.stdout.strip().splitlines()[-1])
     assert outcome == {"poisoned": {"loss_finite": True, "applied": False}, "unchanged_after_poisoned": True,
                        "clean": {"loss_finite": True, "applied": True}, "changed_after_clean": True, "fast_path": True}
+
+
+NORM_CHECK = r'''
+import json, sys
+import numpy as np
+import torch
+from eva.loss import negative_cosine_loss
+from eva.masking import BlockMaskGenerator
+from eva.mim import create_mim_model
+from eva.train import engine as engine_lib
+from eva.train.config import config_from_dict
+
+cfg = config_from_dict({"model": {"name": "tiny"}, "data": {"train": "unused"}, "run_dir": "unused", "precision": "bf16",
+                        "train": {"steps": 10, "batch_size": 2, "lr": 1e-3, "warmup_steps": 0}})
+dist_info = engine_lib.init_distributed()
+torch.manual_seed(0)
+engine = engine_lib.build_engine(create_mim_model("tiny", 16), cfg, dist_info)
+optimizer = engine.optimizer
+one_pass = optimizer.get_grad_norm_direct
+norms = []
+
+def both(gradients, params, norm_type=2):  # the trainer's norm, and DeepSpeed's on the same gradients
+    ours = one_pass(gradients, params, norm_type)
+    norms.append([float(ours), float(type(optimizer).get_grad_norm_direct(optimizer, gradients, params, norm_type))])
+    return ours
+
+optimizer.get_grad_norm_direct = both
+torch.manual_seed(1 + dist_info.rank)  # each rank its own batch: the partitions' gradients differ
+images = torch.randn(2, 3, 64, 64).to(torch.bfloat16)
+mask = torch.from_numpy(np.stack([BlockMaskGenerator((8, 8), 26, 4)(np.random.default_rng(i)).reshape(-1) for i in range(2)]))
+targets = torch.randn(2, 64, 16)
+for _ in range(2):
+    out = engine(images, mask, 26)
+    engine.backward(negative_cosine_loss(out.pred, out.gather(targets), out.valid))
+    engine.step()
+print(json.dumps({"rank": dist_info.rank, "norms": norms, "replaced": one_pass is not type(optimizer).get_grad_norm_direct}))
+'''
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_the_one_pass_gradient_norm_equals_deepspeeds_per_tensor_norm(tmp_path, processes):
+    """The trainer's gradient norm (one multi-tensor kernel) gives DeepSpeed's per-tensor result for
+    each parameter group and step, also when ZeRO-1 splits the gradients over two ranks."""
+    script = tmp_path / "norm_check.py"
+    script.write_text(NORM_CHECK)
+    launcher = [sys.executable] if processes == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+        "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+    result = subprocess.run(launcher + [str(script)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    outcomes = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert sorted(o["rank"] for o in outcomes) == list(range(processes))
+    for outcome in outcomes:
+        assert outcome["replaced"]
+        assert len(outcome["norms"]) == 4  # two parameter groups (decay, no decay) x two steps
+        for ours, deepspeeds in outcome["norms"]:
+            assert ours > 0 and ours == pytest.approx(deepspeeds, rel=1e-5)
+    if processes == 2:  # the global norm: the same on every rank
+        ours_by_rank = [[ours for ours, _ in outcome["norms"]] for outcome in outcomes]
+        assert ours_by_rank[0] == pytest.approx(ours_by_rank[1], rel=1e-6)
