@@ -156,13 +156,14 @@ def compute_the_grad_norm_in_one_pass(optimizer) -> None:
     DeepSpeed counts replicated model- or pipeline-parallel gradients once, with MoE, and with
     CPU offload (a different norm path), none of which this trainer sets up.
     """
-    if (not callable(getattr(optimizer, "get_grad_norm_direct", None)) or getattr(optimizer, "model_parallel_world_size", 1) != 1
-            or getattr(optimizer, "has_moe_layers", False) or getattr(optimizer, "cpu_offload", False)):
+    plain_data_parallel = (getattr(optimizer, "model_parallel_world_size", 1) == 1
+                           and not getattr(optimizer, "has_moe_layers", False) and not getattr(optimizer, "cpu_offload", False))
+    if not plain_data_parallel or not callable(getattr(optimizer, "get_grad_norm_direct", None)):
         return
     per_tensor = optimizer.get_grad_norm_direct
 
     def grad_norm(gradients, params, norm_type=2):
-        if float(norm_type) != 2.0:
+        if float(norm_type) != 2.0 or any(getattr(p, "ds_pipe_replicated", False) for p in params):
             return per_tensor(gradients, params, norm_type)
         grads = [g.detach() for g in gradients if not getattr(g, "_zero_padding", False)]
         if grads:
