@@ -9,8 +9,8 @@ normalised on the device, as from the loader. "timm" is timm's `eva_giant_patch1
 step of /work/shared/anchors/measure_h100_anchors.py (bf16 autocast, 1408->768 head, cosine loss
 on the masked patches, fused AdamW); the anchor on an H100 is 221 img/s eager, 254 compiled. Both
 run in this one command on the same card, each in its own subprocess (clean memory), eager and
-then compiled if time allows (ours both ways: each block alone, and the whole MIM model as one
-graph). Target: ours >= 300 img/s per H100. Each measurement also profiles
+then compiled if time allows (ours as the trainer compiles it by default: the whole MIM model as
+one graph). Target: ours >= 300 img/s per H100. Each measurement also profiles
 a few steps and reports the device time per step by kind of kernel (matmuls, attention, norms,
 optimizer, copies, ...) and the share of the step the device sat idle: where the time goes (CUDA).
 
@@ -176,7 +176,8 @@ def run_ours(args) -> dict:
 
     num_masking, min_patches = mask_geometry(settings)
     cfg = config_from_dict({
-        "model": {"name": settings["variant"], "compile": args.compile, "compile_scope": args.compile_scope},
+        "model": {"name": settings["variant"], "compile": args.compile, "compile_scope": args.compile_scope,
+                  "compile_mode": args.compile_mode},
         "data": {"train": "unused"}, "run_dir": "unused", "precision": settings["precision"],
         "mask": {"num_masking_patches": num_masking, "min_num_patches": min_patches},
         "train": {"steps": 1000, "batch_size": settings["batch"], "lr": 1.0e-4, "warmup_steps": 0},
@@ -334,7 +335,7 @@ def _result(torch, device, settings, first, seconds, flops_per_image, params) ->
 
 
 def child(args, which: str, compile_scope: str | None, started: float, batch: int | None = None,
-          ds_override: dict | None = None) -> dict:
+          ds_override: dict | None = None, compile_mode: str = "default") -> dict:
     """Run one measurement in a fresh process (memory and process group of its own); eager when
     `compile_scope` is None, else compiled ("blocks" or "model" for ours; timm's is whole-model)."""
     command = [sys.executable, __file__, "--only", which, "--steps", str(args.steps), "--warmup", str(args.warmup)]
@@ -342,7 +343,7 @@ def child(args, which: str, compile_scope: str | None, started: float, batch: in
         if value:
             command += [f"--{flag}", str(value)]
     if compile_scope:
-        command += ["--compile", "--compile-scope", compile_scope]
+        command += ["--compile", "--compile-scope", compile_scope, "--compile-mode", compile_mode]
     if not args.no_profile:
         command.append("--profile")
     if args.diagnose and which == "ours":
@@ -382,6 +383,7 @@ def main() -> None:
     parser.add_argument("--ds-override", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--compile", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--compile-scope", default="model", choices=("blocks", "model"), help=argparse.SUPPRESS)
+    parser.add_argument("--compile-mode", default="default", help=argparse.SUPPRESS)
     parser.add_argument("--profile", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.only:
@@ -395,8 +397,8 @@ def main() -> None:
     results = {"machine": machine(device), **settings, "timed_steps": args.steps}
 
     def measure(key: str, which: str, compile_scope: str | None, batch: int | None = None,
-                ds_override: dict | None = None) -> None:
-        results[key] = child(args, which, compile_scope, started, batch, ds_override)
+                ds_override: dict | None = None, compile_mode: str = "default") -> None:
+        results[key] = child(args, which, compile_scope, started, batch, ds_override, compile_mode)
         print(f"{key}: {json.dumps({k: v for k, v in results[key].items() if k != 'profile'})}", flush=True)
         if args.out:  # what is measured so far survives a run cut short
             args.out.write_text(json.dumps(results, indent=1) + "\n")
@@ -406,19 +408,23 @@ def main() -> None:
 
     measure("ours_eager", "ours", None)
     measure("timm_eager", "timm", None)
-    scope = None  # the extra batch runs eager, or compiled with the faster scope
-    if device.type == "cuda" and not args.no_compile and spent_under(COMPILE_BUDGET_SHARE):
-        measure("ours_compiled_model", "ours", "model")  # the whole MIM model as one graph
-        measure("ours_compiled_blocks", "ours", "blocks")  # each block compiled alone
-        if not args.diagnose:  # (diagnosis: timm's compiled figure from a plain run on the same card)
-            measure("timm_compiled", "timm", "model")
-        scope = max(("blocks", "ours_compiled_blocks"), ("model", "ours_compiled_model"),
-                    key=lambda s: results[s[1]].get("img_per_s", 0))[0]
+    compiled = device.type == "cuda" and not args.no_compile and spent_under(COMPILE_BUDGET_SHARE)
+    mode = "default"  # the extra batch runs eager, or compiled (whole model) in the faster mode
+    if compiled:
+        measure("ours_compiled_model", "ours", "model")  # the whole MIM model as one graph (the default scope)
+        measure("timm_compiled", "timm", "model")
+        if args.diagnose:  # CUDA graphs: the forward's and backward's launches replayed in one call each
+            measure("ours_compiled_model_reduce_overhead", "ours", "model", compile_mode="reduce-overhead")
+            if results["ours_compiled_model_reduce_overhead"].get("img_per_s", 0) > results["ours_compiled_model"].get("img_per_s", 0):
+                mode = "reduce-overhead"
     if args.extra_batch and spent_under(EXTRA_BUDGET_SHARE):
-        measure(f"ours_{'compiled_' + scope if scope else 'eager'}_batch{args.extra_batch}", "ours", scope,
-                args.extra_batch)
+        key = f"ours_{'compiled_model' if compiled else 'eager'}{'_' + mode.replace('-', '_') if mode != 'default' else ''}"
+        measure(f"{key}_batch{args.extra_batch}", "ours", "model" if compiled else None, args.extra_batch, compile_mode=mode)
     if args.diagnose and device.type == "cuda":  # last: what is left of the budget, most telling first
-        measure("diag_plain_eager", "plain", None)
+        if compiled and spent_under(EXTRA_BUDGET_SHARE + 0.05):
+            measure("diag_ours_compiled_blocks", "ours", "blocks")  # each block compiled alone
+        if spent_under(EXTRA_BUDGET_SHARE + 0.1):
+            measure("diag_plain_eager", "plain", None)
         for name, override in DIAGNOSE_DS_OVERRIDES.items():
             if spent_under(EXTRA_BUDGET_SHARE + 0.1):
                 measure(f"diag_ours_eager_{name}", "ours", None, ds_override=override)

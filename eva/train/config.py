@@ -23,6 +23,7 @@ REQUIRED = "???"  # marks a value the config file or an override must provide
 PRECISIONS = ("fp32", "bf16", "fp16")
 TARGET_MODES = ("cached", "online")
 COMPILE_SCOPES = ("model", "blocks")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 
 
 class ConfigError(ValueError):
@@ -37,6 +38,7 @@ class ModelConfig:
     fused_attn: bool = True        # scaled_dot_product_attention
     compile: bool = False          # torch.compile (in place: the state-dict keys stay)
     compile_scope: str = "model"   # model: the whole MIM forward as one graph (faster); blocks: each block alone (short compile)
+    compile_mode: str = "default"  # torch.compile mode; reduce-overhead replays CUDA graphs (fewer host launches)
     grad_checkpointing: bool = False  # recompute block activations in backward: less memory, ~1/3 more compute
 
 
@@ -270,6 +272,7 @@ def _check_values(cfg: Config) -> None:
         ("data.std", len(cfg.data.std) == 3 and all(s > 0 for s in cfg.data.std), "three positive values (RGB)"),
         ("model.drop_path", 0 <= cfg.model.drop_path < 1, "in [0, 1)"),
         ("model.compile_scope", cfg.model.compile_scope in COMPILE_SCOPES, f"one of {', '.join(COMPILE_SCOPES)}"),
+        ("model.compile_mode", cfg.model.compile_mode in COMPILE_MODES, f"one of {', '.join(COMPILE_MODES)}"),
         ("data.teacher.model", cfg.data.targets != "online" or cfg.data.teacher.model, "set when data.targets is online"),
     ]
     for key, ok, expected in rules:

@@ -112,10 +112,10 @@ def build_engine(model: MIMModel, cfg, dist_info: DistInfo):
         if cfg.model.compile_scope == "model":
             # one graph: fusions across blocks; every gradient arrives at the end of backward. The
             # forward alone, not nn.Module.compile(), which would trace DeepSpeed's module hooks too.
-            model.forward = torch.compile(model.forward)
+            model.forward = torch.compile(model.forward, mode=cfg.model.compile_mode)
         else:
             for block in model.backbone.blocks:
-                block.compile()  # regional: short compile; gradients arrive block by block
+                block.compile(mode=cfg.model.compile_mode)  # regional: short compile; gradients arrive block by block
     optimizer = torch.optim.AdamW(
         param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr, betas=tuple(cfg.train.betas),
         eps=cfg.train.eps, fused=dist_info.device.type == "cuda",

@@ -57,6 +57,7 @@ def test_resolved_config_round_trips():
     (["log.tensorboard=3"], "config key log.tensorboard: expected bool"),
     (["data.views.scale=0.5"], "config key data.views.scale: expected a list"),
     (["precision=fp8"], "config key precision = 'fp8': must be one of fp32, bf16, fp16"),
+    (["model.compile_mode=fast"], "config key model.compile_mode = 'fast': must be one of default, reduce-overhead"),
     (["data.targets=online"], "config key data.teacher.model"),
     (["train.stop_at=11"], "config key train.stop_at = 11"),
     (["train.steps"], "not of the form dotted.key=value"),
