@@ -240,9 +240,33 @@ def _check_vision_tower(model: str, visual: nn.Module) -> None:
         raise TeacherError(f"teacher {model!r}: non-square input {visual.image_size} is not supported")
 
 
+def _checkpoint_position_tokens(checkpoint: Path) -> int | None:
+    """Token count of the checkpoint's vision position embedding, or None where it cannot be
+    peeked at (then the key check in `_load_checked` speaks). Memory-mapped: reads no weights."""
+    try:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # not a zip-format torch file: open_clip's loader reports what it is
+        return None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        return None
+    for key, value in state.items():
+        if isinstance(key, str) and key.endswith("visual.positional_embedding") and torch.is_tensor(value):
+            return int(value.shape[0])
+    return None
+
+
 def _load_checked(open_clip, clip: nn.Module, checkpoint: Path, model: str) -> None:
     """Load `checkpoint` and refuse anything but a complete vision tower of this architecture."""
     visual_keys = {k for k in clip.state_dict() if k.startswith("visual.")}
+    tokens, expected = _checkpoint_position_tokens(checkpoint), clip.visual.positional_embedding.shape[0]
+    if tokens is not None and tokens != expected:
+        # open_clip would interpolate the embedding to the config's grid without a word
+        raise TeacherError(
+            f"teacher weights {checkpoint}: position embedding for {tokens} tokens, but {model!r} at "
+            f"{clip.visual.image_size[0]} px takes {expected} (a {'x'.join(map(str, clip.visual.grid_size))} "
+            f"grid and cls): weights of another input size; use the config they were trained with")
     try:
         with _quiet_open_clip_warnings():
             result = open_clip.load_checkpoint(clip, str(checkpoint), strict=False, weights_only=True)

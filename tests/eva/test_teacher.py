@@ -147,6 +147,19 @@ def test_weights_of_another_model_or_incomplete_are_refused(tmp_path, tiny_weigh
         load_teacher(TINY, str(renamed))
 
 
+def test_weights_for_another_input_size_are_refused(tmp_path, tiny_weights):
+    """open_clip would interpolate the 8x8 position embedding to the config's 12x12 grid silently."""
+    larger = write_config(tmp_path / "tiny96.json", image_size=96)
+    with pytest.raises(TeacherError, match=r"tiny.pt: position embedding for 65 tokens, but .*tiny96.json' at 96 px "
+                                           r"takes 145 \(a 12x12 grid and cls\)"):
+        load_teacher(larger, str(tiny_weights))
+    wrapped = tmp_path / "wrapped.pt"  # the same weights in a {"state_dict": {"module." ...}} training checkpoint
+    torch.save({"state_dict": {f"module.{k}": v for k, v in torch.load(tiny_weights, weights_only=True).items()}}, wrapped)
+    with pytest.raises(TeacherError, match="wrapped.pt: position embedding for 65 tokens"):
+        load_teacher(larger, str(wrapped))
+    assert load_teacher(TINY, str(wrapped)).grid == (8, 8)
+
+
 def test_builtin_name_resolves_grid_and_dim_without_weights():
     teacher = load_teacher("ViT-B-32", "none")  # smallest built-in ViT: 224 px, patch 32
     assert teacher.grid == (7, 7) and teacher.dim == 512 and teacher.input_size == 224
