@@ -16,7 +16,7 @@ from trainer_fixtures import POLICY, TINY_CONFIG, TINY_TEACHER, build_image_dir,
 from eva.masking import BlockMaskGenerator
 from eva.teacher import load_teacher
 from eva.train.config import load_config
-from eva.train.data import (DataError, LoaderState, ManifestMismatch, ShardStream, close_loader_iterator,
+from eva.train.data import (DataError, LoaderState, ManifestMismatch, ShardStream, close_loader_iterator, collate,
                             dequantize_targets, make_loader, npy_view, open_train_data, sample_rng)
 from eva.views import CLIP_MEAN, CLIP_STD, normalize_pixels, render_view, sample_view, to_normalized_tensor
 from shards import contract
@@ -165,3 +165,31 @@ def test_npy_view_reads_targets_without_copying_and_never_unpickles():
     np.save(pickled, np.array([{"x": 1}], dtype=object), allow_pickle=True)
     with pytest.raises(ValueError, match="dtype object"):
         npy_view(pickled.getvalue())
+
+
+def synthetic_samples() -> list[dict]:
+    targets = np.arange(12, dtype=np.float16).reshape(4, 3)
+    targets.setflags(write=False)  # like the targets read from a mapped shard
+    return [{"__key__": f"k{i}", "epoch": i % 2, "images": np.full((3, 2, 2), i, np.uint8).transpose(0, 2, 1),
+             "targets": targets * i, "mask": np.arange(4) % (i + 1) == 0} for i in range(3)]
+
+
+class CollateInAWorker(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        batch = collate(synthetic_samples())
+        yield {"shared_where_made": {k: batch[k].is_shared() for k in ("images", "targets", "mask")}, "batch": batch}
+
+
+def test_collate_stacks_into_shared_memory_inside_a_worker_only():
+    """In a DataLoader worker the batch is made in shared memory (it reaches the trainer without
+    another copy); in-process it is plain memory. The values are np.stack's either way."""
+    samples = synthetic_samples()
+    expected = {k: np.stack([s[k] for s in samples]) for k in ("images", "targets", "mask")}
+    in_process = collate(samples)
+    [from_worker] = list(torch.utils.data.DataLoader(CollateInAWorker(), batch_size=None, num_workers=1))
+    assert from_worker["shared_where_made"] == {"images": True, "targets": True, "mask": True}
+    for batch in (in_process, from_worker["batch"]):
+        for key, array in expected.items():
+            assert batch[key].dtype == torch.from_numpy(array).dtype and np.array_equal(batch[key].numpy(), array)
+        assert batch["keys"] == ["k0", "k1", "k2"] and batch["epoch"] == 1
+    assert not any(in_process[k].is_shared() for k in expected)
