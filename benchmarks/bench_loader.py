@@ -8,11 +8,14 @@ runs the trainer's ShardStream in this one process (one core: tar read, shuffle,
 crop + bicubic resize to 224, block mask, target slice, batching) and prints JSON. Target: >= 400
 images/s per core, counted per CPU-second of this one-thread process (median of rounds), so
 other load on the machine does not move it; wall-clock rates are printed too. Decode and render
-are also timed alone, to show where the time goes.
+are also timed alone, to show where the time goes. The same stream is then run in one DataLoader
+worker process, as the trainer runs it, and counted per CPU-second of that worker: the figure as
+deployed, with the handover of each batch to the trainer.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import os
@@ -23,6 +26,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
+import psutil  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from skimage import data as skdata  # noqa: E402
@@ -34,7 +38,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from eva.train.config import config_from_dict  # noqa: E402
 from report import emit, machine  # noqa: E402  (benchmarks/, this script's directory)
-from eva.train.data import LoaderState, ShardStream, open_train_data  # noqa: E402
+from eva.train.data import LoaderState, ShardStream, close_loader_iterator, make_loader, open_train_data  # noqa: E402
 from eva.views import ViewPolicy, draw_views, render_view  # noqa: E402
 from shards import contract  # noqa: E402
 from shards.manifest import write_manifest  # noqa: E402
@@ -95,6 +99,25 @@ def rate(fn, items: list, seconds: float) -> float:
     return done / (time.process_time() - cpu)
 
 
+def worker_rates_per_core(data, cfg, seconds: float, rounds: int) -> list[float]:
+    """The same stream in one DataLoader worker process, as the trainer runs it: images per
+    CPU-second of that worker (batches reach this process through shared memory)."""
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, num_workers=1, prefetch_factor=2))
+    batches = iter(make_loader(data, cfg, 0, 1, LoaderState(), pin_memory=False))
+    try:
+        next(batches)  # warm-up: the worker fills its shuffle buffer
+        worker = psutil.Process(batches._workers[0].pid)
+        rates = []
+        for _ in range(rounds):
+            count, wall, cpu = 0, time.perf_counter(), sum(worker.cpu_times()[:2])  # user + system, all threads
+            while time.perf_counter() - wall < seconds / rounds:
+                count += next(batches)["images"].shape[0]
+            rates.append(count / (sum(worker.cpu_times()[:2]) - cpu))
+        return rates
+    finally:
+        close_loader_iterator(batches)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=15.0, help="timed seconds of the loader")
@@ -121,6 +144,7 @@ def main() -> None:
             cpu_rates.append(count / (time.process_time() - cpu))
             wall_rates.append(count / (time.perf_counter() - wall))
         loader_rate = float(np.median(cpu_rates))
+        worker_rates = worker_rates_per_core(data, cfg, args.seconds, args.rounds)
 
         jpgs = [stored_photo(np.random.default_rng(i)) for i in range(16)]
         decode_rate = rate(lambda b: Image.open(io.BytesIO(b)).convert("RGB").load(), jpgs, 3)
@@ -135,6 +159,9 @@ def main() -> None:
                       "images_per_wall_s": [round(r, 1) for r in wall_rates]},
         "target": TARGET_IMAGES_PER_S,
         "meets_target": loader_rate >= TARGET_IMAGES_PER_S,
+        # as the trainer runs it (data.num_workers > 0): the same work plus the handover to the trainer
+        "in_dataloader_worker_per_core": round(float(np.median(worker_rates)), 1),
+        "in_dataloader_worker_per_round": [round(r, 1) for r in worker_rates],
         "sample": {"stored_short_side": SHORT_SIDE, "jpeg_quality": 95, "view_size": IMAGE_SIZE,
                    "targets": f"1 view x {GRID[0] * GRID[1]} x {DIM} float16", "bytes_per_sample": round(bytes_per_sample)},
         "alone_per_core": {"jpeg_decode_per_s": round(decode_rate, 1), "crop_resize_224_per_s": round(render_rate, 1)},
