@@ -112,6 +112,7 @@ def test_a_non_finite_gradient_with_a_finite_loss_skips_the_step_without_the_per
 
 NORM_CHECK = r'''
 import json, sys
+from pathlib import Path
 import numpy as np
 import torch
 from eva.loss import negative_cosine_loss
@@ -143,7 +144,8 @@ for _ in range(2):
     out = engine(images, mask, 26)
     engine.backward(negative_cosine_loss(out.pred, out.gather(targets), out.valid))
     engine.step()
-print(json.dumps({"rank": dist_info.rank, "norms": norms, "replaced": one_pass is not type(optimizer).get_grad_norm_direct}))
+outcome = {"rank": dist_info.rank, "norms": norms, "replaced": one_pass is not type(optimizer).get_grad_norm_direct}
+(Path(sys.argv[1]) / f"rank{dist_info.rank}.json").write_text(json.dumps(outcome))  # not stdout: ranks share it
 '''
 
 
@@ -156,10 +158,10 @@ def test_the_one_pass_gradient_norm_equals_deepspeeds_per_tensor_norm(tmp_path, 
     launcher = [sys.executable] if processes == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
         "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
-    result = subprocess.run(launcher + [str(script)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    result = subprocess.run(launcher + [str(script), str(tmp_path)], cwd=REPO_ROOT, capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
     assert result.returncode == 0, result.stderr[-3000:]
-    outcomes = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    outcomes = [json.loads(path.read_text()) for path in sorted(tmp_path.glob("rank*.json"))]
     assert sorted(o["rank"] for o in outcomes) == list(range(processes))
     for outcome in outcomes:
         assert outcome["replaced"]
