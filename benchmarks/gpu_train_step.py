@@ -375,7 +375,8 @@ def main() -> None:
     parser.add_argument("--extra-batch", type=int, default=None,
                         help="also measure ours at this batch (compiled on GPU), if time allows")
     parser.add_argument("--diagnose", action="store_true",
-                        help="GPU: also time the step's phases, DeepSpeed settings, and our model without DeepSpeed")
+                        help="GPU: also time the step's phases and compile_mode reduce-overhead; then, as time "
+                             "allows, per-block compile, our model without DeepSpeed and DeepSpeed settings")
     parser.add_argument("--time-budget", type=float, default=TOTAL_BUDGET_S,
                         help="seconds for the whole command: later runs are skipped or cut to stay inside it")
     parser.add_argument("--only", choices=("ours", "timm", "plain"), help=argparse.SUPPRESS)
