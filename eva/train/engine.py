@@ -156,16 +156,18 @@ def compute_the_grad_norm_in_one_pass(optimizer) -> None:
     DeepSpeed counts replicated model- or pipeline-parallel gradients once, with MoE, and with
     CPU offload (a different norm path), none of which this trainer sets up.
     """
-    plain_data_parallel = (getattr(optimizer, "model_parallel_world_size", 1) == 1
-                           and not getattr(optimizer, "has_moe_layers", False) and not getattr(optimizer, "cpu_offload", False))
+    groups = getattr(optimizer, "bit16_groups", None)  # ZeRO 1/2's parameters, decided on once here
+    plain_data_parallel = (groups is not None and getattr(optimizer, "model_parallel_world_size", 1) == 1
+                           and not getattr(optimizer, "has_moe_layers", False) and not getattr(optimizer, "cpu_offload", False)
+                           and not any(getattr(p, "ds_pipe_replicated", False) for group in groups for p in group))
     if not plain_data_parallel or not callable(getattr(optimizer, "get_grad_norm_direct", None)):
         return
     per_tensor = optimizer.get_grad_norm_direct
 
     def grad_norm(gradients, params, norm_type=2):
-        if float(norm_type) != 2.0 or any(getattr(p, "ds_pipe_replicated", False) for p in params):
+        if float(norm_type) != 2.0:
             return per_tensor(gradients, params, norm_type)
-        grads = [g.detach() for g in gradients if not getattr(g, "_zero_padding", False)]
+        grads = [g for g in gradients if not getattr(g, "_zero_padding", False)]
         if grads:
             total = torch.stack(torch._foreach_norm(grads, 2.0, dtype=torch.float32)).square().sum()
         else:
