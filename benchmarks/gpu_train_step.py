@@ -10,7 +10,10 @@ step of /work/shared/anchors/measure_h100_anchors.py (bf16 autocast, 1408->768 h
 on the masked patches, fused AdamW); the anchor on an H100 is 221 img/s eager, 254 compiled. Both
 run in this one command on the same card, each in its own subprocess (clean memory), eager and
 then compiled if time allows (ours as the trainer compiles it by default: the whole MIM model as
-one graph). Target: ours >= 300 img/s per H100. Each measurement also profiles
+one graph); on a GPU with float8 tensor cores (H100), ours compiled also runs with
+`model.float8_matmuls` (eva.float8: not EVA-01's recipe, reported apart from the bf16 comparison
+with timm). `--extra-batch` sizes then run in the fastest setting found. Target: ours >= 300
+img/s per H100. Each measurement also profiles
 a few steps and reports the device time per step by kind of kernel (matmuls, attention, norms,
 optimizer, copies, ...) and the share of the step the device sat idle: where the time goes (CUDA).
 
@@ -168,16 +171,15 @@ def measure_mim_step(torch, device, settings, args, step, model, batch) -> dict:
 
 def run_ours(args) -> dict:
     torch, device, settings = setup(args)
-    from eva.mim import create_mim_model
     from eva.train import engine as engine_lib
     from eva.train.config import config_from_dict
-    from eva.train.loop import DTYPES, StepContext, share_step_results, train_one_step
+    from eva.train.loop import DTYPES, StepContext, make_model, share_step_results, train_one_step
     from eva.views import CLIP_MEAN, CLIP_STD
 
     num_masking, min_patches = mask_geometry(settings)
     cfg = config_from_dict({
         "model": {"name": settings["variant"], "compile": args.compile, "compile_scope": args.compile_scope,
-                  "compile_mode": args.compile_mode},
+                  "compile_mode": args.compile_mode, "float8_matmuls": args.float8},
         "data": {"train": "unused"}, "run_dir": "unused", "precision": settings["precision"],
         "mask": {"num_masking_patches": num_masking, "min_num_patches": min_patches},
         "train": {"steps": 1000, "batch_size": settings["batch"], "lr": 1.0e-4, "warmup_steps": 0},
@@ -188,7 +190,7 @@ def run_ours(args) -> dict:
     dist_info = engine_lib.init_distributed()
     torch.manual_seed(0)
     with device:  # initialised where it trains: a billion trunc-normal draws on the CPU take long
-        model = create_mim_model(settings["variant"], settings["target_dim"])
+        model = make_model(cfg, settings["target_dim"])
     engine = engine_lib.build_engine(model, cfg, dist_info)
     batch = synthetic_batch(torch, device, settings, num_masking, min_patches)
     channel = lambda values: torch.tensor(values, device=device).view(1, 3, 1, 1)  # noqa: E731
@@ -204,6 +206,12 @@ def run_ours(args) -> dict:
     if args.phases and device.type == "cuda":
         result["phases_ms"] = phase_times(torch, engine, batch, ctx, dist_info)
     return with_profile(torch, device, step, result, args.profile)
+
+
+def float8_capable(device) -> bool:
+    from eva.float8 import float8_support_error
+
+    return device.type == "cuda" and float8_support_error(device) is None
 
 
 def merge_config(config: dict, overrides: dict) -> dict:
@@ -335,9 +343,10 @@ def _result(torch, device, settings, first, seconds, flops_per_image, params) ->
 
 
 def child(args, which: str, compile_scope: str | None, started: float, batch: int | None = None,
-          ds_override: dict | None = None, compile_mode: str = "default") -> dict:
+          ds_override: dict | None = None, compile_mode: str = "default", float8: bool = False) -> dict:
     """Run one measurement in a fresh process (memory and process group of its own); eager when
-    `compile_scope` is None, else compiled ("blocks" or "model" for ours; timm's is whole-model)."""
+    `compile_scope` is None, else compiled ("blocks" or "model" for ours; timm's is whole-model);
+    `float8`: ours with model.float8_matmuls."""
     command = [sys.executable, __file__, "--only", which, "--steps", str(args.steps), "--warmup", str(args.warmup)]
     for flag, value in (("batch", batch or args.batch), ("variant", args.variant), ("precision", args.precision)):
         if value:
@@ -350,6 +359,8 @@ def child(args, which: str, compile_scope: str | None, started: float, batch: in
         command.append("--phases")
     if ds_override:
         command += ["--ds-override", json.dumps(ds_override)]
+    if float8:
+        command.append("--float8")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     timeout = max(30.0, args.time_budget - (time.time() - started))
     try:
@@ -372,8 +383,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--no-compile", action="store_true", help="eager only")
     parser.add_argument("--no-profile", action="store_true", help="skip the per-kernel-kind breakdown")
-    parser.add_argument("--extra-batch", type=int, default=None,
-                        help="also measure ours at this batch (compiled on GPU), if time allows")
+    parser.add_argument("--extra-batch", type=int, nargs="+", default=[],
+                        help="also measure ours at these batches (compiled on GPU, in the fastest setting "
+                             "found at the default batch), in order, while time allows")
     parser.add_argument("--diagnose", action="store_true",
                         help="GPU: also time the step's phases and compile_mode reduce-overhead; then, as time "
                              "allows, per-block compile, our model without DeepSpeed and DeepSpeed settings")
@@ -386,6 +398,7 @@ def main() -> None:
     parser.add_argument("--compile-scope", default="model", choices=("blocks", "model"), help=argparse.SUPPRESS)
     parser.add_argument("--compile-mode", default="default", help=argparse.SUPPRESS)
     parser.add_argument("--profile", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--float8", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.only:
         print(json.dumps({"ours": run_ours, "timm": run_timm, "plain": run_plain}[args.only](args)), flush=True)
@@ -398,8 +411,8 @@ def main() -> None:
     results = {"machine": machine(device), **settings, "timed_steps": args.steps}
 
     def measure(key: str, which: str, compile_scope: str | None, batch: int | None = None,
-                ds_override: dict | None = None, compile_mode: str = "default") -> None:
-        results[key] = child(args, which, compile_scope, started, batch, ds_override, compile_mode)
+                ds_override: dict | None = None, compile_mode: str = "default", float8: bool = False) -> None:
+        results[key] = child(args, which, compile_scope, started, batch, ds_override, compile_mode, float8)
         print(f"{key}: {json.dumps({k: v for k, v in results[key].items() if k != 'profile'})}", flush=True)
         if args.out:  # what is measured so far survives a run cut short
             args.out.write_text(json.dumps(results, indent=1) + "\n")
@@ -410,17 +423,22 @@ def main() -> None:
     measure("ours_eager", "ours", None)
     measure("timm_eager", "timm", None)
     compiled = device.type == "cuda" and not args.no_compile and spent_under(COMPILE_BUDGET_SHARE)
-    mode = "default"  # the extra batch runs eager, or compiled (whole model) in the faster mode
+    # ours' settings at the default batch, by result key: the extra batches run in the fastest one
+    settings_of = {"ours_eager": dict(compile_scope=None)}
     if compiled:
-        measure("ours_compiled_model", "ours", "model")  # the whole MIM model as one graph (the default scope)
-        measure("timm_compiled", "timm", "model")
+        settings_of["ours_compiled_model"] = dict(compile_scope="model")  # the whole MIM model as one graph
+        if float8_capable(device):  # float8 matmuls for the blocks' linear layers (eva.float8)
+            settings_of["ours_compiled_model_float8"] = dict(compile_scope="model", float8=True)
         if args.diagnose:  # CUDA graphs: the forward's and backward's launches replayed in one call each
-            measure("ours_compiled_model_reduce_overhead", "ours", "model", compile_mode="reduce-overhead")
-            if results["ours_compiled_model_reduce_overhead"].get("img_per_s", 0) > results["ours_compiled_model"].get("img_per_s", 0):
-                mode = "reduce-overhead"
-    if args.extra_batch and spent_under(EXTRA_BUDGET_SHARE):
-        key = f"ours_{'compiled_model' if compiled else 'eager'}{'_' + mode.replace('-', '_') if mode != 'default' else ''}"
-        measure(f"{key}_batch{args.extra_batch}", "ours", "model" if compiled else None, args.extra_batch, compile_mode=mode)
+            settings_of["ours_compiled_model_reduce_overhead"] = dict(compile_scope="model", compile_mode="reduce-overhead")
+        for key, how in list(settings_of.items())[1:]:
+            measure(key, "ours", **how)
+            if key == "ours_compiled_model":
+                measure("timm_compiled", "timm", "model")
+    fastest = max(settings_of, key=lambda k: results.get(k, {}).get("img_per_s", 0))
+    for batch in args.extra_batch:
+        if spent_under(EXTRA_BUDGET_SHARE):
+            measure(f"{fastest}_batch{batch}", "ours", batch=batch, **settings_of[fastest])
     if args.diagnose and device.type == "cuda":  # last: what is left of the budget, most telling first
         if compiled and spent_under(EXTRA_BUDGET_SHARE + 0.05):
             measure("diag_ours_compiled_blocks", "ours", "blocks")  # each block compiled alone
@@ -430,11 +448,15 @@ def main() -> None:
             if spent_under(EXTRA_BUDGET_SHARE + 0.1):
                 measure(f"diag_ours_eager_{name}", "ours", None, ds_override=override)
 
-    def best(prefix: str, same_batch: bool = True) -> float:
-        return max((r.get("img_per_s", 0) for k, r in results.items() if isinstance(r, dict)
-                    and k.startswith(prefix) and not (same_batch and "_batch" in k)), default=0)
+    def best(prefix: str, same_batch: bool = True, float8: bool = True) -> float:
+        return max((r.get("img_per_s", 0) for k, r in results.items() if isinstance(r, dict) and k.startswith(prefix)
+                    and not (same_batch and "_batch" in k) and (float8 or "float8" not in k)), default=0)
 
-    results["ours_vs_timm"] = round(best("ours_") / best("timm_"), 3) if best("timm_") else None  # same batch
+    # same batch, same precision (timm runs bf16 matmuls); float8 against our own bf16 compiled step
+    results["ours_vs_timm"] = round(best("ours_", float8=False) / best("timm_"), 3) if best("timm_") else None
+    if "img_per_s" in results.get("ours_compiled_model_float8", {}) and best("ours_compiled_model", float8=False):
+        results["float8_vs_bf16_compiled"] = round(results["ours_compiled_model_float8"]["img_per_s"]
+                                                   / best("ours_compiled_model", float8=False), 3)
     if device.type == "cuda" and settings["variant"] == "giant":
         results["target_img_per_s"] = TARGET_IMG_PER_S
         results["meets_target"] = best("ours_", same_batch=False) >= TARGET_IMG_PER_S

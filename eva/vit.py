@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from eva.float8 import float8_linear
+
 INIT_STD = 0.015  # EVA/BEiT: truncated normal cut at +-1 std
 
 # Architectures by name. All but "tiny" use EVA's 224px / patch-14 input (a 16x16 grid, matching
@@ -85,13 +87,14 @@ class Attention(nn.Module):
         self.q_bias = nn.Parameter(torch.zeros(dim))
         self.v_bias = nn.Parameter(torch.zeros(dim))
         self.proj = nn.Linear(dim, dim)
+        self.linear = F.linear  # or eva.float8.float8_linear: VisionTransformer.set_float8_matmuls
 
     def forward(self, x: Tensor, queries: Tensor | None = None) -> Tensor:
         """[B, T, D] -> [B, T, D]; with `queries` ([B, Q] token indices) only those tokens' outputs,
         [B, Q, D], still attending to all T tokens."""
         B, T, D = x.shape
         qkv_bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))  # k has no bias
-        qkv = F.linear(x, self.qkv.weight, qkv_bias).reshape(B, T, 3, self.num_heads, self.head_dim)
+        qkv = self.linear(x, self.qkv.weight, qkv_bias).reshape(B, T, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # [B, h, T, d] each
         rows = T
         if queries is not None:
@@ -104,7 +107,7 @@ class Attention(nn.Module):
                 attn = (q.float() * self.scale) @ k.float().transpose(-2, -1)  # [B, h, T or Q, T]
                 attn = attn.softmax(dim=-1)
             x = attn.to(v.dtype) @ v
-        return self.proj(x.transpose(1, 2).reshape(B, rows, D))  # [B, T or Q, D]
+        return self.linear(x.transpose(1, 2).reshape(B, rows, D), self.proj.weight, self.proj.bias)  # [B, T or Q, D]
 
 
 class Mlp(nn.Module):
@@ -113,9 +116,11 @@ class Mlp(nn.Module):
         self.fc1 = nn.Linear(dim, hidden_dim)
         self.act = nn.GELU()  # exact (erf) GELU
         self.fc2 = nn.Linear(hidden_dim, dim)
+        self.linear = F.linear  # or eva.float8.float8_linear: VisionTransformer.set_float8_matmuls
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        hidden = self.act(self.linear(x, self.fc1.weight, self.fc1.bias))
+        return self.linear(hidden, self.fc2.weight, self.fc2.bias)
 
 
 class DropPath(nn.Module):
@@ -184,7 +189,8 @@ class VisionTransformer(nn.Module):
             Block(embed_dim, num_heads, mlp_hidden_dim, rate, fused_attn, ln_eps) for rate in rates
         )
         self.norm = LayerNorm(embed_dim, eps=ln_eps)
-        self.grad_checkpointing = False  # a runtime choice, not architecture: not in kwargs
+        self.grad_checkpointing = False  # runtime choices, not architecture: not in kwargs
+        self.float8_matmuls = False
         self._init_weights()
 
     @torch.no_grad()
@@ -212,6 +218,14 @@ class VisionTransformer(nn.Module):
         more compute for one block's activations instead of all of them (EVA-g on 40 GB cards).
         Drop path draws the same mask when recomputing (checkpoint restores the RNG state)."""
         self.grad_checkpointing = enable
+
+    def set_float8_matmuls(self, enable: bool = True) -> None:
+        """Run the blocks' linear layers (qkv, proj, fc1, fc2) as float8 matmuls (eva.float8): on
+        H100-class GPUs, for speed; not EVA-01's recipe. Patch embedding and heads are untouched."""
+        linear = float8_linear if enable else F.linear
+        for blk in self.blocks:
+            blk.attn.linear = blk.mlp.linear = linear
+        self.float8_matmuls = enable
 
     def forward_features(self, x: Tensor, mask: Tensor | None = None, mask_token: Tensor | None = None) -> Tensor:
         """[B, 3, H, W] images -> [B, 1+N, D] tokens after the final norm (see `forward_tokens`)."""

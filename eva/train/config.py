@@ -40,6 +40,7 @@ class ModelConfig:
     compile_scope: str = "model"   # model: the whole MIM forward as one graph (faster); blocks: each block alone (short compile)
     compile_mode: str = "default"  # torch.compile mode; reduce-overhead replays CUDA graphs (fewer host launches)
     grad_checkpointing: bool = False  # recompute block activations in backward: less memory, ~1/3 more compute
+    float8_matmuls: bool = False   # blocks' linear layers in float8 (eva.float8; H100-class GPUs): not EVA-01's recipe
 
 
 @dataclass

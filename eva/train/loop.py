@@ -15,7 +15,8 @@ import torch
 import torch.distributed as dist
 
 from eva.loss import negative_cosine_loss
-from eva.mim import create_mim_model
+from eva.float8 import float8_support_error
+from eva.mim import MIMModel, create_mim_model
 from eva.teacher import load_teacher
 from eva.train import checkpointing, engine as engine_lib
 from eva.train.checkpointing import TrainProgress
@@ -122,6 +123,15 @@ def _variant_geometry(name: str) -> tuple[int, tuple[int, int]]:
     return variant["img_size"], (side, side)
 
 
+def make_model(cfg: Config, target_dim: int) -> MIMModel:
+    """The MIM model as the config asks: architecture, drop path, attention path, and the runtime
+    choices that leave the weights alone (gradient checkpointing, float8 matmuls)."""
+    model = create_mim_model(cfg.model.name, target_dim, drop_path_rate=cfg.model.drop_path, fused_attn=cfg.model.fused_attn)
+    model.backbone.set_grad_checkpointing(cfg.model.grad_checkpointing)
+    model.backbone.set_float8_matmuls(cfg.model.float8_matmuls)
+    return model
+
+
 def _channel_tensor(values, device) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32, device=device).view(1, 3, 1, 1)
 
@@ -168,6 +178,8 @@ def run(cfg: Config, report: Callable[[dict], None] | None = None) -> dict[str, 
     device = dist_info.device
     if cfg.precision == "fp16" and device.type != "cuda":
         raise ConfigError("config key precision = 'fp16': DeepSpeed's fp16 engine needs a GPU; use bf16 or fp32 on CPU")
+    if cfg.model.float8_matmuls and (reason := float8_support_error(device)):
+        raise ConfigError(f"config key model.float8_matmuls = True: {reason}; set it to false")
     run_dir = Path(cfg.run_dir).resolve()
 
     teacher = None
@@ -177,9 +189,7 @@ def run(cfg: Config, report: Callable[[dict], None] | None = None) -> dict[str, 
     data = open_train_data(cfg, image_size, grid, teacher)
 
     torch.manual_seed(cfg.seed)  # identical init on every rank
-    model = create_mim_model(cfg.model.name, data.target_dim, drop_path_rate=cfg.model.drop_path,
-                             fused_attn=cfg.model.fused_attn)
-    model.backbone.set_grad_checkpointing(cfg.model.grad_checkpointing)
+    model = make_model(cfg, data.target_dim)
     engine = engine_lib.build_engine(model, cfg, dist_info)
     meta_base = {"variant": cfg.model.name, "config": cfg.to_dict(), "train_manifest_sha256": data.manifest_sha256,
                  "train_dir": str(data.directory)}

@@ -120,6 +120,24 @@ def test_grad_checkpointing_gives_the_same_gradients_with_fewer_saved_activation
     assert "grad_checkpointing" not in model.kwargs  # a runtime choice: checkpoints and exports do not carry it
 
 
+def test_float8_matmuls_follow_the_exact_model_and_keep_less_for_backward():
+    torch.manual_seed(0)
+    model = create_vit("tiny").train()
+    x = torch.randn(16, 3, 64, 64)  # 16 x 65 tokens: rows a multiple of 16, as float8 matmuls need
+    exact_bytes, exact_grads, exact_out = saved_activation_bytes(model, x)
+    keys = model.state_dict().keys()
+    model.set_float8_matmuls(True)
+    fp8_bytes, fp8_grads, fp8_out = saved_activation_bytes(model, x)
+    assert not torch.allclose(fp8_out, exact_out, rtol=1e-3, atol=1e-3)  # the blocks did run in float8
+    assert F.cosine_similarity(fp8_out.flatten(), exact_out.flatten(), dim=0) > 0.999
+    for name, grad in exact_grads.items():
+        assert F.cosine_similarity(fp8_grads[name].flatten(), grad.flatten(), dim=0) > 0.99, name
+    assert fp8_bytes < 0.8 * exact_bytes, (fp8_bytes, exact_bytes)  # linear inputs kept as 1-byte float8
+    assert model.state_dict().keys() == keys and "float8_matmuls" not in model.kwargs  # a runtime choice
+    model.set_float8_matmuls(False)
+    assert torch.equal(model.forward_features(x), exact_out)
+
+
 def test_drop_path_is_linear_over_depth_and_off_in_eval():
     torch.manual_seed(0)
     model = create_vit("tiny", drop_path_rate=0.3)
