@@ -4,8 +4,9 @@
 
 Builds a small train shard directory like the target stage writes at EVA-01's geometry (real
 photos stored at shorter side 256, JPEG q95; one cached view of 256 x 768 float16 targets), then
-runs the trainer's ShardStream in this one process (one core: tar read, shuffle, JPEG decode,
-crop + bicubic resize to 224, block mask, target slice, batching) and prints JSON. Target: >= 400
+runs the trainer's loader (`make_loader`, data.num_workers 0) in this one process (one core: tar
+read, shuffle, JPEG decode, crop + bicubic resize to 224, block mask, target slice, batching into
+reused buffers) and prints JSON. Target: >= 400
 images/s per core, counted per CPU-second of this one-thread process (median of rounds), so
 other load on the machine does not move it; wall-clock rates are printed too. Decode and render
 are also timed alone, to show where the time goes. The same stream is then run in one DataLoader
@@ -38,7 +39,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from eva.train.config import config_from_dict  # noqa: E402
 from report import emit, machine  # noqa: E402  (benchmarks/, this script's directory)
-from eva.train.data import LoaderState, ShardStream, close_loader_iterator, make_loader, open_train_data  # noqa: E402
+from eva.train.data import LoaderState, close_loader_iterator, make_loader, open_train_data  # noqa: E402
 from eva.views import ViewPolicy, draw_views, render_view  # noqa: E402
 from shards import contract  # noqa: E402
 from shards.manifest import write_manifest  # noqa: E402
@@ -103,10 +104,10 @@ def worker_rates_per_core(data, cfg, seconds: float, rounds: int) -> list[float]
     """The same stream in one DataLoader worker process, as the trainer runs it: images per
     CPU-second of that worker (batches reach this process through shared memory)."""
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, num_workers=1, prefetch_factor=2))
-    batches = iter(make_loader(data, cfg, 0, 1, LoaderState(), pin_memory=False))
+    batches = make_loader(data, cfg, 0, 1, LoaderState(), pin_memory=False)
     try:
         next(batches)  # warm-up: the worker fills its shuffle buffer
-        worker = psutil.Process(batches._workers[0].pid)
+        worker = psutil.Process(batches.batches._workers[0].pid)
         rates = []
         for _ in range(rounds):
             count, wall, cpu = 0, time.perf_counter(), sum(worker.cpu_times()[:2])  # user + system, all threads
@@ -132,7 +133,7 @@ def main() -> None:
                                                                    "shuffle_buffer": 256},
                                 "train": {"steps": 1, "batch_size": 64, "lr": 1.0e-3}, "run_dir": tmp})
         data = open_train_data(cfg, IMAGE_SIZE, GRID)
-        batches = iter(ShardStream(data, cfg, 0, 1, LoaderState()))
+        batches = make_loader(data, cfg, 0, 1, LoaderState(), pin_memory=False)  # num_workers 0: this process
         next(batches)  # warm-up: fills the shuffle buffer
         # Rounds of wall and CPU time: images per CPU-second of this one-thread process is the
         # per-core rate, and is not moved by other jobs or a hypervisor taking the core away.

@@ -210,8 +210,7 @@ def run(cfg: Config, report: Callable[[dict], None] | None = None) -> dict[str, 
                       device_peak_tflops(device, cfg.precision), dist_info.world_size)
     last_checkpoint = resume_dir
     stop = StopRequest()
-    loader = make_loader(data, cfg, dist_info.rank, dist_info.world_size, progress.loader, device.type == "cuda")
-    batches = iter(loader)
+    batches = make_loader(data, cfg, dist_info.rank, dist_info.world_size, progress.loader, device.type == "cuda")
     nonfinite_since: int | None = None  # first step of the current run of non-finite losses
     outcome = _outcome(progress.step, cfg)
     try:

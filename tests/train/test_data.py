@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from trainer_fixtures import POLICY, TINY_CONFIG, TINY_TEACHER, build_image_dir,
 from eva.masking import BlockMaskGenerator
 from eva.teacher import load_teacher
 from eva.train.config import load_config
-from eva.train.data import (DataError, LoaderState, ManifestMismatch, ShardStream, close_loader_iterator, collate,
+from eva.train.data import (BatchBuffers, DataError, LoaderState, ManifestMismatch, ShardStream, close_loader_iterator, collate,
                             dequantize_targets, make_loader, npy_view, open_train_data, sample_rng)
 from eva.views import CLIP_MEAN, CLIP_STD, normalize_pixels, render_view, sample_view, to_normalized_tensor
 from shards import contract
@@ -94,7 +95,8 @@ def test_resumed_loader_continues_the_stream_exactly(tiny_train_dir):
     def take(state: LoaderState, count: int) -> list[dict]:
         batches = iter(make_loader(data, cfg, 0, 1, state, pin_memory=False))
         try:
-            return list(itertools.islice(batches, count))
+            # a batch's buffers are refilled once the next is asked for: keep copies
+            return [{k: v.clone() if torch.is_tensor(v) else v for k, v in b.items()} for b in itertools.islice(batches, count)]
         finally:
             close_loader_iterator(batches)
 
@@ -193,3 +195,53 @@ def test_collate_stacks_into_shared_memory_inside_a_worker_only():
             assert batch[key].dtype == torch.from_numpy(array).dtype and np.array_equal(batch[key].numpy(), array)
         assert batch["keys"] == ["k0", "k1", "k2"] and batch["epoch"] == 1
     assert not any(in_process[k].is_shared() for k in expected)
+
+
+def fresh_tensor_batches(data, cfg, count: int) -> list[dict]:
+    """The same loader with a new tensor for every batch (no buffer ring): the reference."""
+    loader = torch.utils.data.DataLoader(ShardStream(data, cfg, 0, 1, LoaderState()), batch_size=None,
+                                         num_workers=cfg.data.num_workers,
+                                         prefetch_factor=cfg.data.prefetch_factor if cfg.data.num_workers else None,
+                                         generator=torch.Generator().manual_seed(cfg.seed))
+    batches = iter(loader)
+    try:
+        return list(itertools.islice(batches, count))
+    finally:
+        close_loader_iterator(batches)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_reused_batch_buffers_give_the_batches_fresh_tensors_give(tiny_train_dir, workers):
+    # 2 workers with prefetch 1: rings of 3 slots each, refilled 3 times in 18 batches
+    cfg = tiny_cfg(tiny_train_dir, f"data.num_workers={workers}", "data.prefetch_factor=1", "train.batch_size=8")
+    data = open_train_data(cfg, 64, GRID)
+    batches = make_loader(data, cfg, 0, 1, LoaderState(), pin_memory=False)
+    try:
+        seen, storages = [], []
+        for batch in itertools.islice(batches, 18):
+            storages.append(batch["targets"].untyped_storage().data_ptr())
+            seen.append({k: v.clone() if torch.is_tensor(v) else v for k, v in batch.items()})
+    finally:
+        close_loader_iterator(batches)
+    expected = fresh_tensor_batches(data, cfg, 18)
+    for ours, reference in zip(seen, expected):
+        assert ours["keys"] == reference["keys"] and "producer" not in ours
+        for key in ("images", "targets", "mask"):
+            assert torch.equal(ours[key], reference[key]), (key, ours["keys"])
+    if workers == 0:  # in this process the reuse shows in the addresses: two slots, taken in turn
+        assert storages[2::2] == storages[:-2:2] and storages[0] != storages[1]
+
+
+def test_a_buffer_is_refilled_only_once_the_consumer_has_released_its_batch():
+    released = torch.zeros((), dtype=torch.int64)
+    ring = BatchBuffers(released, slots=2)
+    first, second = ring.next_slot(), ring.next_slot()
+    assert first is not second
+    taken = []
+    waiter = threading.Thread(target=lambda: taken.append(ring.next_slot()))
+    waiter.start()
+    waiter.join(0.3)
+    assert waiter.is_alive() and not taken  # batch 0 is still held: its slot must wait
+    released += 1
+    waiter.join(5)
+    assert not waiter.is_alive() and taken[0] is first
