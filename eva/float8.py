@@ -58,8 +58,9 @@ class _Float8Matmul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor) -> Tensor:
-        x8, x_inverse = to_float8(x, ACTIVATION_DTYPE)
-        w8, w_inverse = to_float8(weight, ACTIVATION_DTYPE)
+        # casts keep their input's strides, and _scaled_mm's first operand must be row-major
+        x8, x_inverse = to_float8(x.contiguous(), ACTIVATION_DTYPE)
+        w8, w_inverse = to_float8(weight.contiguous(), ACTIVATION_DTYPE)
         ctx.save_for_backward(x8, x_inverse, w8, w_inverse)
         ctx.weight_dtype = weight.dtype
         # fast accumulation in the forward, full-precision accumulation for gradients (as torchao does)
@@ -68,7 +69,7 @@ class _Float8Matmul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor, Tensor]:
         x8, x_inverse, w8, w_inverse = ctx.saved_tensors
-        g8, g_inverse = to_float8(grad_out, GRADIENT_DTYPE)
+        g8, g_inverse = to_float8(grad_out.contiguous(), GRADIENT_DTYPE)
         grad_x = torch._scaled_mm(g8, _column_major(w8), scale_a=g_inverse, scale_b=w_inverse, out_dtype=grad_out.dtype)
         grad_w = torch._scaled_mm(g8.t().contiguous(), _column_major(x8), scale_a=g_inverse, scale_b=x_inverse,
                                   out_dtype=ctx.weight_dtype)
@@ -76,11 +77,11 @@ class _Float8Matmul(torch.autograd.Function):
 
 
 def float8_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """`F.linear` with float8 matmuls. A shape _scaled_mm cannot take (a dimension that is not a
-    multiple of 16, such as an odd batch) runs as `F.linear` instead."""
+    """`F.linear` with float8 matmuls. A shape _scaled_mm cannot take (no rows, or a dimension that
+    is not a multiple of 16, such as an odd batch) runs as `F.linear` instead."""
     *lead, in_features = x.shape
     rows, out_features = math.prod(lead), weight.shape[0]
-    if rows % DIM_MULTIPLE or in_features % DIM_MULTIPLE or out_features % DIM_MULTIPLE:
+    if not rows or rows % DIM_MULTIPLE or in_features % DIM_MULTIPLE or out_features % DIM_MULTIPLE:
         return F.linear(x, weight, bias)
     out = _Float8Matmul.apply(x.reshape(rows, in_features), weight).reshape(*lead, out_features)
     return out if bias is None else out + bias

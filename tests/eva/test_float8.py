@@ -48,7 +48,7 @@ def test_float8_linear_computes_with_the_float8_values_of_its_operands():
 def test_shapes_scaled_mm_cannot_take_run_as_the_ordinary_linear():
     torch.manual_seed(0)
     weight, bias = torch.randn(48, 96), torch.randn(48)
-    for x in (torch.randn(5, 13, 96), torch.randn(16, 90)):  # 65 rows; 90 input features
+    for x in (torch.randn(5, 13, 96), torch.randn(16, 90), torch.randn(0, 96)):  # 65 rows; 90 features; none
         w = weight if x.shape[-1] == 96 else weight[:, :90]
         assert torch.equal(float8_linear(x, w, bias), F.linear(x, w, bias))
 
@@ -79,12 +79,14 @@ def test_float8_support_error_names_the_device_and_what_it_lacks():
                     reason="needs a CUDA device with float8 tensor cores")
 @pytest.mark.parametrize("compiled", [False, True])
 def test_float8_linear_on_a_float8_gpu_at_eva_g_widths(compiled):
-    # CUDA's _scaled_mm wants row-major first and column-major second operands in all three matmuls
+    # CUDA's _scaled_mm wants row-major first and column-major second operands in all three
+    # matmuls: the input and the incoming gradient here are laid out transposed, on purpose
     torch.manual_seed(0)
     device, dtype = torch.device("cuda"), torch.bfloat16
-    x = torch.randn(2, 256, 1408, device=device, dtype=dtype)
+    x = torch.randn(2, 1408, 256, device=device, dtype=dtype).transpose(1, 2)              # [2, 256, 1408]
     weight = torch.randn(6144, 1408, device=device, dtype=dtype) * 0.02
-    bias, grad_out = torch.randn(6144, device=device, dtype=dtype), torch.randn(2, 256, 6144, device=device, dtype=dtype)
+    bias = torch.randn(6144, device=device, dtype=dtype)
+    grad_out = torch.randn(2, 6144, 256, device=device, dtype=dtype).transpose(1, 2)       # [2, 256, 6144]
     linear = torch.compile(float8_linear) if compiled else float8_linear
     fp8 = linear_and_grads(linear, x, weight, bias, grad_out)
     exact = linear_and_grads(F.linear, x.float(), weight.float(), bias.float(), grad_out.float())
