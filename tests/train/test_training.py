@@ -64,10 +64,14 @@ def test_loss_falls_and_the_checkpoint_describes_itself(tiny_train_dir, tmp_path
         assert isinstance(engine.load(str(path), map_location="cpu"), dict), path
 
 
-def test_float8_matmuls_run_through_the_trainer_and_move_the_loss_only_slightly(tiny_train_dir, tmp_path):
-    common = (f"data.train={tiny_train_dir}", "train.steps=3", *FAST)  # 16 images: float8-sized rows
+def test_float8_matmuls_run_through_the_trainer_eager_and_compiled(tiny_train_dir, tmp_path, monkeypatch):
+    """model.float8_matmuls moves the loss only by float8 rounding, and compiles with the model as
+    one graph, as on a GPU (on the CPU, inductor runs the same float8 matmuls)."""
+    monkeypatch.setenv("TORCH_LOGS", "graph_breaks")
+    common = (f"data.train={tiny_train_dir}", "train.steps=3", "model.drop_path=0", *FAST)  # 16 images: float8-sized rows
     run_trainer(*common, f"run_dir={tmp_path / 'exact'}")
     run_trainer(*common, "model.float8_matmuls=true", f"run_dir={tmp_path / 'float8'}")
+    compiled = run_trainer(*common, "model.float8_matmuls=true", "model.compile=true", f"run_dir={tmp_path / 'compiled'}")
     exact, fp8 = read_log(tmp_path / "exact"), read_log(tmp_path / "float8")
     assert load_config(tmp_path / "float8" / "config.yaml").model.float8_matmuls
     # the same first batch and weights: loss (a mean cosine, ~0 at init) and gradient norm differ
@@ -75,6 +79,8 @@ def test_float8_matmuls_run_through_the_trainer_and_move_the_loss_only_slightly(
     assert fp8[0]["loss"] != exact[0]["loss"] and abs(fp8[0]["loss"] - exact[0]["loss"]) < 0.005, (fp8[0], exact[0])
     assert abs(fp8[0]["grad_norm"] / exact[0]["grad_norm"] - 1) < 0.05, (fp8[0], exact[0])
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in fp8)
+    assert "graph break" not in compiled.stderr.lower()
+    assert [r["loss"] for r in read_log(tmp_path / "compiled")] == pytest.approx([r["loss"] for r in fp8], rel=1e-3)
 
 
 def resume_copy(straight: Path, step: int, destination: Path) -> None:
