@@ -424,21 +424,21 @@ def main() -> None:
     measure("timm_eager", "timm", None)
     compiled = device.type == "cuda" and not args.no_compile and spent_under(COMPILE_BUDGET_SHARE)
     # ours' settings at the default batch, by result key: the extra batches run in the fastest one
-    settings_of = {"ours_eager": dict(compile_scope=None)}
+    ours_runs = {"ours_eager": dict(compile_scope=None)}
     if compiled:
-        settings_of["ours_compiled_model"] = dict(compile_scope="model")  # the whole MIM model as one graph
+        ours_runs["ours_compiled_model"] = dict(compile_scope="model")  # the whole MIM model as one graph
         if float8_capable(device):  # float8 matmuls for the blocks' linear layers (eva.float8)
-            settings_of["ours_compiled_model_float8"] = dict(compile_scope="model", float8=True)
+            ours_runs["ours_compiled_model_float8"] = dict(compile_scope="model", float8=True)
         if args.diagnose:  # CUDA graphs: the forward's and backward's launches replayed in one call each
-            settings_of["ours_compiled_model_reduce_overhead"] = dict(compile_scope="model", compile_mode="reduce-overhead")
-        for key, how in list(settings_of.items())[1:]:
+            ours_runs["ours_compiled_model_reduce_overhead"] = dict(compile_scope="model", compile_mode="reduce-overhead")
+        for key, how in list(ours_runs.items())[1:]:
             measure(key, "ours", **how)
             if key == "ours_compiled_model":
                 measure("timm_compiled", "timm", "model")
-    fastest = max(settings_of, key=lambda k: results.get(k, {}).get("img_per_s", 0))
+    fastest = max(ours_runs, key=lambda k: results.get(k, {}).get("img_per_s", 0))
     for batch in args.extra_batch:
         if spent_under(EXTRA_BUDGET_SHARE):
-            measure(f"{fastest}_batch{batch}", "ours", batch=batch, **settings_of[fastest])
+            measure(f"{fastest}_batch{batch}", "ours", batch=batch, **ours_runs[fastest])
     if args.diagnose and device.type == "cuda":  # last: what is left of the budget, most telling first
         if compiled and spent_under(EXTRA_BUDGET_SHARE + 0.05):
             measure("diag_ours_compiled_blocks", "ours", "blocks")  # each block compiled alone
