@@ -144,6 +144,29 @@ def profile_breakdown(torch, step, step_ms: float, steps: int = 3) -> dict:
             "top_kernels": [{"ms": round(ms, 2), "kind": kernel_kind(name), "name": name[:90]} for ms, name in kernels[:12]]}
 
 
+def write_trace(torch, step, path: Path, steps: int = 1) -> str:
+    """A Chrome trace (gzipped) of `steps` steps: host ops with their Python stacks and the device's
+    kernels, linked by correlation ids. It shows which host code the device waits on in its idle
+    gaps; read it offline (chrome://tracing, Perfetto). The stacks slow the host: durations in it
+    are not the step's."""
+    import gzip
+    import shutil
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    plain = path.with_suffix("")  # NAME.json.gz -> NAME.json
+    prof.export_chrome_trace(str(plain))
+    with open(plain, "rb") as source, gzip.open(path, "wb") as target:
+        shutil.copyfileobj(source, target)
+    plain.unlink()
+    return str(path)
+
+
 def with_profile(torch, device, step, result: dict, enabled: bool) -> dict:
     if not enabled or device.type != "cuda":
         return result
@@ -205,6 +228,8 @@ def run_ours(args) -> dict:
     result = measure_mim_step(torch, device, settings, args, step, model, batch)
     if args.phases and device.type == "cuda":
         result["phases_ms"] = phase_times(torch, engine, batch, ctx, dist_info)
+    if args.trace and device.type == "cuda":
+        result["trace"] = write_trace(torch, step, Path(args.trace))
     return with_profile(torch, device, step, result, args.profile)
 
 
@@ -361,6 +386,8 @@ def child(args, which: str, compile_scope: str | None, started: float, batch: in
         command += ["--ds-override", json.dumps(ds_override)]
     if float8:
         command.append("--float8")
+    if args.trace_dir and which == "ours" and compile_scope == "model" and compile_mode == "default" and not (batch or ds_override):
+        command += ["--trace", str(args.trace_dir / f"ours_compiled_model{'_float8' if float8 else ''}.json.gz")]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     timeout = max(30.0, args.time_budget - (time.time() - started))
     try:
@@ -389,6 +416,9 @@ def main() -> None:
     parser.add_argument("--diagnose", action="store_true",
                         help="GPU: also time the step's phases and compile_mode reduce-overhead; then, as time "
                              "allows, per-block compile, our model without DeepSpeed and DeepSpeed settings")
+    parser.add_argument("--trace-dir", type=Path, default=None,
+                        help="GPU: write a Chrome trace (host ops with Python stacks, kernels) of a step of ours "
+                             "compiled into this directory, to see what the device waits on")
     parser.add_argument("--time-budget", type=float, default=TOTAL_BUDGET_S,
                         help="seconds for the whole command: later runs are skipped or cut to stay inside it")
     parser.add_argument("--only", choices=("ours", "timm", "plain"), help=argparse.SUPPRESS)
@@ -399,6 +429,7 @@ def main() -> None:
     parser.add_argument("--compile-mode", default="default", help=argparse.SUPPRESS)
     parser.add_argument("--profile", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--float8", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--trace", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.only:
         print(json.dumps({"ours": run_ours, "timm": run_timm, "plain": run_plain}[args.only](args)), flush=True)
