@@ -227,7 +227,7 @@ def run_ours(args) -> dict:
 
     result = measure_mim_step(torch, device, settings, args, step, model, batch)
     if args.phases and device.type == "cuda":
-        result["phases_ms"] = phase_times(torch, engine, batch, ctx, dist_info)
+        result["phases_ms"] = phase_times(torch, engine, batches, ctx, dist_info)
     if args.trace and device.type == "cuda":
         result["trace"] = write_trace(torch, step, Path(args.trace))
     return with_profile(torch, device, step, result, args.profile)
@@ -245,34 +245,27 @@ def merge_config(config: dict, overrides: dict) -> dict:
     return config
 
 
-def phase_times(torch, engine, batch, ctx, dist_info, steps: int = 5) -> dict:
-    """Host and device time of each phase of the trainer's step (train_one_step's calls, in order),
-    from host clocks and CUDA events at the phase boundaries: where the device waits on the host."""
-    from eva.loss import negative_cosine_loss
-    from eva.train import engine as engine_lib
-    from eva.train.loop import share_step_results
-    from eva.views import normalize_pixels
+def phase_times(torch, engine, batches, ctx, dist_info, steps: int = 5) -> dict:
+    """Host and device time of each phase of the trainer's step, from host clocks and CUDA events
+    recorded where train_one_step marks its phases: where the device waits on the host."""
+    from eva.train.loop import share_step_results, train_one_step
 
-    names = ("forward_loss", "backward", "optimizer_step", "step_stats")
+    names = ("forward_loss", "backward", "optimizer_step", "stats", "loss_all_reduce")  # ctx.grad_accum is 1
     host = {name: 0.0 for name in names}
     events = []
     torch.cuda.synchronize()
     for _ in range(steps):
-        marks = [torch.cuda.Event(enable_timing=True) for _ in range(len(names) + 1)]
-        clock = [time.perf_counter()]
-        marks[0].record()
-        engine_lib.set_lr(engine, 1.0e-4)
-        images = normalize_pixels(batch["images"], ctx.mean, ctx.std).to(ctx.dtype)
-        out = engine(images, batch["mask"], ctx.mask_width)
-        loss = negative_cosine_loss(out.pred, out.gather(ctx.targets(batch)), out.valid)
-        marks[1].record(); clock.append(time.perf_counter())
-        engine.backward(loss)
-        marks[2].record(); clock.append(time.perf_counter())
-        engine.step()
-        marks[3].record(); clock.append(time.perf_counter())
-        engine_lib.loss_scale(engine), engine_lib.grad_norm(engine), engine.was_step_applied()
-        share_step_results(loss.detach(), False, dist_info)
-        marks[4].record(); clock.append(time.perf_counter())
+        marks, clock = [], []
+
+        def mark(_phase: str = "") -> None:
+            marks.append(torch.cuda.Event(enable_timing=True))
+            marks[-1].record()
+            clock.append(time.perf_counter())
+
+        mark()
+        stats = train_one_step(engine, batches, 1.0e-4, ctx, mark=mark)
+        share_step_results(stats["loss"], False, dist_info)  # the loop's one collective a step
+        mark()
         for i, name in enumerate(names):
             host[name] += (clock[i + 1] - clock[i]) * 1e3 / steps
         events.append(marks)

@@ -56,8 +56,14 @@ class StepContext:
             return self.teacher(normalize_pixels(pixels, self.teacher_mean, self.teacher_std)).float()  # [B, N, D]
 
 
-def train_one_step(engine, batches: Iterator[dict], lr: float, ctx: StepContext) -> dict[str, Any]:
-    """One optimizer step over `ctx.grad_accum` micro-batches; returns this rank's stats."""
+def train_one_step(engine, batches: Iterator[dict], lr: float, ctx: StepContext,
+                   mark: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """One optimizer step over `ctx.grad_accum` micro-batches; returns this rank's stats.
+
+    `mark(phase)`, if given, is called as each phase ends ("forward_loss", "backward",
+    "optimizer_step" per micro-batch, then "stats"): the GPU benchmark times them there.
+    """
+    mark = mark or _no_mark
     engine_lib.set_lr(engine, lr)
     loss_sum = torch.zeros((), device=ctx.device)
     data_seconds = 0.0
@@ -69,10 +75,13 @@ def train_one_step(engine, batches: Iterator[dict], lr: float, ctx: StepContext)
         mask = batch["mask"].to(ctx.device, non_blocking=True)                        # [B, N] bool
         out = engine(images, mask, ctx.mask_width)                                    # forward: [B, Q, D] predictions
         loss = negative_cosine_loss(out.pred, out.gather(ctx.targets(batch)), out.valid)  # over masked patches
+        mark("forward_loss")
         engine.backward(loss)                                                         # backward (+ reduce at the boundary)
+        mark("backward")
         engine.step()                                                                 # optimizer step at the boundary
+        mark("optimizer_step")
         loss_sum += loss.detach()
-    return {
+    stats = {
         "loss": loss_sum / ctx.grad_accum,   # tensor: averaged over ranks by the caller
         "lr": lr,
         "loss_scale": engine_lib.loss_scale(engine),
@@ -80,6 +89,12 @@ def train_one_step(engine, batches: Iterator[dict], lr: float, ctx: StepContext)
         "applied": engine.was_step_applied(),
         "data_seconds": data_seconds,
     }
+    mark("stats")
+    return stats
+
+
+def _no_mark(phase: str) -> None:
+    pass
 
 
 def share_step_results(loss: torch.Tensor, stop_requested: bool, dist_info: engine_lib.DistInfo) -> tuple[float, bool]:
