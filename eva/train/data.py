@@ -13,6 +13,9 @@ position is then one number per rank: batches consumed since `start_epoch` began
 
 Per-sample randomness (which stored view, the fresh view in online mode, the block mask) comes
 from a generator seeded by (seed, key, epoch): it does not depend on batching or worker count.
+
+Each worker stacks its batches into a ring of reused shared-memory buffers (BatchBuffers); the
+trainer hands a batch's buffers back by asking for the next batch (ReleasingIterator).
 """
 from __future__ import annotations
 
