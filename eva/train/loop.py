@@ -56,14 +56,17 @@ class StepContext:
             return self.teacher(normalize_pixels(pixels, self.teacher_mean, self.teacher_std)).float()  # [B, N, D]
 
 
+def _no_mark(phase: str) -> None:
+    pass
+
+
 def train_one_step(engine, batches: Iterator[dict], lr: float, ctx: StepContext,
-                   mark: Callable[[str], None] | None = None) -> dict[str, Any]:
+                   mark: Callable[[str], None] = _no_mark) -> dict[str, Any]:
     """One optimizer step over `ctx.grad_accum` micro-batches; returns this rank's stats.
 
-    `mark(phase)`, if given, is called as each phase ends ("forward_loss", "backward",
-    "optimizer_step" per micro-batch, then "stats"): the GPU benchmark times them there.
+    `mark(phase)` is called as each phase ends ("forward_loss", "backward", "optimizer_step" per
+    micro-batch, then "stats"): the GPU benchmark times them there.
     """
-    mark = mark or _no_mark
     engine_lib.set_lr(engine, lr)
     loss_sum = torch.zeros((), device=ctx.device)
     data_seconds = 0.0
@@ -91,10 +94,6 @@ def train_one_step(engine, batches: Iterator[dict], lr: float, ctx: StepContext,
     }
     mark("stats")
     return stats
-
-
-def _no_mark(phase: str) -> None:
-    pass
 
 
 def share_step_results(loss: torch.Tensor, stop_requested: bool, dist_info: engine_lib.DistInfo) -> tuple[float, bool]:
