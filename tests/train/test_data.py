@@ -19,7 +19,7 @@ from eva.teacher import load_teacher
 from eva.train.config import load_config
 from eva.train.data import (BatchBuffers, DataError, LoaderState, ManifestMismatch, ShardStream, close_loader_iterator, collate,
                             dequantize_targets, make_loader, npy_view, open_train_data, sample_rng)
-from eva.views import CLIP_MEAN, CLIP_STD, normalize_pixels, render_view, sample_view, to_normalized_tensor
+from eva.views import CLIP_MEAN, CLIP_STD, normalize_pixels, render_view, sample_view, to_normalized_tensor, view_rng
 from shards import contract
 from shards.reader import dump_npy, iter_tar, load_npy
 
@@ -58,6 +58,15 @@ def test_batch_is_the_stored_view_its_targets_and_a_seeded_mask(tiny_train_dir):
         assert np.array_equal(batch["mask"][i].numpy(), tiny_mask_generator()(rng).reshape(-1)), key
     masked = batch["mask"].sum(1)
     assert masked.max() <= 26 and masked.min() >= 20
+
+
+def test_an_epochs_sample_stream_is_not_the_stream_that_drew_the_stored_view_of_that_number():
+    # Same seed in both stages (both default to 0): epoch e's view choice and mask must not reuse
+    # the numbers that drew stored view e's box and flip, or the mask would follow the crop.
+    for key in ("000000000", "000000007", "000003141"):
+        for epoch in range(3):
+            trainer, target_stage = sample_rng(0, key, epoch).random(8), view_rng(0, key, epoch).random(8)
+            assert not np.any(np.isclose(trainer, target_stage)), (key, epoch)
 
 
 def test_student_normalisation_equals_the_views_module():
