@@ -4,8 +4,9 @@
     RUN_DIR/checkpoints/step_00001000/meta.json   {"variant", "model_kwargs", "target_dim", "step", ...}
     RUN_DIR/checkpoints/latest                    the name of the newest complete checkpoint dir
 
-Every file is written to a temporary name and renamed into place, and `latest` is moved only
-after a checkpoint is complete, so a crash never leaves a half-written checkpoint behind `latest`.
+Every file is written to a temporary name, flushed to disk and renamed into place, and `latest`
+is moved only after a checkpoint is complete and on disk (`flush_to_disk`), so a crash, of the
+process or of the machine, never leaves `latest` naming a half-written checkpoint.
 An exported backbone (`python -m eva.export`) is a .safetensors file in timm's Eva key layout
 whose metadata holds the model kwargs; `load_backbone` reads it too.
 """
@@ -32,11 +33,30 @@ def checkpoint_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)  # a directory too: that makes its renames durable
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def flush_to_disk(directory: Path) -> None:
+    """fsync every file under `directory`, then the directories. Until then a rename can reach the
+    disk before the data it names: after a machine crash, files of full length but empty."""
+    directory = Path(directory)
+    paths = list(directory.rglob("*"))
+    for path in [p for p in paths if p.is_file()] + [p for p in paths if p.is_dir()] + [directory]:
+        _fsync(path)
+
+
 def _write_atomic(path: Path, write) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         write(tmp)
+        _fsync(tmp)
         os.replace(tmp, path)
+        _fsync(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -19,7 +19,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from eva.checkpoints import CHECKPOINTS, LATEST, META_FILE, checkpoint_dir_name, latest_checkpoint, set_latest, write_model_weights
+from eva.checkpoints import (CHECKPOINTS, LATEST, META_FILE, checkpoint_dir_name, flush_to_disk, latest_checkpoint, set_latest,
+                             write_model_weights)
 from eva.mim import MIMModel
 from eva.train.data import LoaderState
 from eva.train.engine import DistInfo, full_fp32_state_dict
@@ -75,6 +76,7 @@ def save_checkpoint(engine, run_dir: Path, progress: TrainProgress, meta: dict[s
             "deepspeed_state": DEEPSPEED_TAG,       # subdirectory: ZeRO optimizer partitions, loss scaler, steps
             "rng_state": f"{RNG_DIR}/rank_*.pt",    # per-rank torch RNG
         })
+    flush_to_disk(ckpt_dir)  # every rank: what it wrote is on disk before `latest` names it
     dist.barrier()
     if dist_info.is_main:
         set_latest(run_dir, ckpt_dir)

@@ -83,6 +83,44 @@ def test_float8_matmuls_run_through_the_trainer_eager_and_compiled(tiny_train_di
     assert [r["loss"] for r in read_log(tmp_path / "compiled")] == pytest.approx([r["loss"] for r in fp8], rel=1e-3)
 
 
+# the trainer's own main(), with every fsync and rename it makes appended to $DISK_LOG as it happens
+RECORD_DISK_WRITES = """
+import json, os, sys
+log = open(os.environ["DISK_LOG"], "a")
+real_fsync, real_replace = os.fsync, os.replace
+def record(*event):
+    log.write(json.dumps(event) + "\\n")
+    log.flush()
+def fsync(fd):
+    real_fsync(fd)
+    record("fsync", os.readlink(f"/proc/self/fd/{fd}"))
+def replace(src, dst, **kwargs):
+    real_replace(src, dst, **kwargs)
+    record("replace", os.path.realpath(dst))
+os.fsync, os.replace = fsync, replace
+from eva.train.main import main
+sys.exit(main(sys.argv[3:]))  # argv: -c -m eva.train --config ...
+"""
+
+
+def test_every_file_of_a_checkpoint_is_on_disk_before_latest_names_it(tiny_train_dir, tmp_path, monkeypatch):
+    """A machine crash (not only a process crash) must not leave `latest` naming empty files."""
+    monkeypatch.setenv("DISK_LOG", str(tmp_path / "disk.jsonl"))
+    run_dir = tmp_path / "run"
+    run_trainer(f"data.train={tiny_train_dir}", "train.steps=3", "checkpoint.every=3", *FAST, f"run_dir={run_dir}",
+                launcher=[sys.executable, "-c", RECORD_DISK_WRITES])
+    events = [tuple(json.loads(line)) for line in (tmp_path / "disk.jsonl").read_text().splitlines()]
+    checkpoints = (run_dir / "checkpoints").resolve()
+    named = events.index(("replace", str(checkpoints / "latest")))
+    synced_before = {path for kind, path in events[:named] if kind == "fsync"}
+    ckpt = latest_checkpoint(run_dir).resolve()
+    files = [p for p in ckpt.rglob("*") if p.is_file()]
+    assert {"model.pt", "meta.json", "rank_00000.pt", "mp_rank_00_model_states.pt"} <= {p.name for p in files}
+    assert any(p.suffix == ".pt" and "optim_states" in p.name for p in files)  # DeepSpeed's ZeRO partition
+    assert [str(p) for p in files + [ckpt] if str(p) not in synced_before] == []
+    assert ("fsync", str(checkpoints)) in events[named:]  # the rename of `latest` itself
+
+
 def resume_copy(straight: Path, step: int, destination: Path) -> None:
     """A run directory as if `straight` had stopped after `step` (train.stop_at=step): its
     checkpoint there, `latest` naming it, and the log up to it."""
