@@ -261,6 +261,11 @@ def _check_values(cfg: Config) -> None:
         ("train.clip_grad", cfg.train.clip_grad >= 0, ">= 0"),
         ("train.stop_at", cfg.train.stop_at is None or 0 < cfg.train.stop_at <= cfg.train.steps, "null or in [1, train.steps]"),
         ("train.nonfinite_patience", cfg.train.nonfinite_patience >= 1, ">= 1"),
+        # what DeepSpeed's fp16 config accepts, checked before the engine is built
+        ("loss_scale.initial_scale_power", cfg.loss_scale.initial_scale_power >= 0, ">= 0"),
+        ("loss_scale.window", cfg.loss_scale.window >= 1, ">= 1"),
+        ("loss_scale.hysteresis", cfg.loss_scale.hysteresis >= 1, ">= 1"),
+        ("loss_scale.min_scale", cfg.loss_scale.min_scale >= 1 and float(cfg.loss_scale.min_scale).is_integer(), "a whole number >= 1"),
         ("checkpoint.every", cfg.checkpoint.every >= 1, ">= 1"),
         ("log.every", cfg.log.every >= 1, ">= 1"),
         ("data.num_workers", cfg.data.num_workers >= 0, ">= 0"),

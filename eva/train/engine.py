@@ -180,6 +180,35 @@ def compute_the_grad_norm_in_one_pass(optimizer) -> None:
     optimizer.get_grad_norm_direct = grad_norm
 
 
+def apply_optimizer_settings(engine, cfg) -> None:
+    """Put the config's AdamW, clipping and fp16 loss-scaling settings in force after a checkpoint load.
+
+    DeepSpeed's load restores the checkpoint's param-group settings (weight decay, betas, eps), its
+    clipping threshold and its whole loss scaler. A run resumed with a changed config announces the
+    change, so it must then train with the new values. The LR is set every step (`set_lr`); the
+    loss scale itself and its counters are the run's state and stay as loaded.
+    """
+    t = cfg.train
+    # eva.mim.param_groups order: the decayed weights, then the rest
+    for group, weight_decay in zip(engine.optimizer.param_groups, (t.weight_decay, 0.0)):
+        group.update(weight_decay=weight_decay, betas=tuple(t.betas), eps=t.eps)
+    engine.optimizer.clip_grad = t.clip_grad
+    scaler = getattr(engine.optimizer, "loss_scaler", None)
+    if isinstance(scaler, DynamicLossScaler):
+        apply_loss_scale_settings(scaler, cfg.loss_scale)
+
+
+def apply_loss_scale_settings(scaler: DynamicLossScaler, settings) -> None:
+    scaler.scale_window, scaler.min_scale, scaler.delayed_shift = settings.window, settings.min_scale, settings.hysteresis
+    scaler.cur_hysteresis = min(scaler.cur_hysteresis, settings.hysteresis)
+
+
+def loss_scale_exhausted(error: BaseException) -> bool:
+    """Whether `error` is DeepSpeed's fp16 scaler giving up (a bare Exception): gradients overflowed
+    again at the minimum loss scale."""
+    return "loss scale already at minimum" in str(error)
+
+
 def set_lr(engine, lr: float) -> None:
     for group in engine.optimizer.param_groups:
         group["lr"] = lr

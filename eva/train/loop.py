@@ -171,6 +171,7 @@ def _resume(engine, run_dir: Path, cfg: Config, data: TrainData, dist_info) -> t
         torch.manual_seed(cfg.seed * 100003 + dist_info.rank + 1)  # per-rank drop path
         return TrainProgress(), None
     meta = checkpointing.load_checkpoint(engine, resume_dir, dist_info)
+    engine_lib.apply_optimizer_settings(engine, cfg)  # the load restored the checkpoint's settings
     if meta["train_manifest_sha256"] != data.manifest_sha256:
         raise checkpointing.ResumeError(
             f"{data.directory} changed since checkpoint {resume_dir} (manifest sha256 {meta['train_manifest_sha256'][:12]}... "
@@ -229,7 +230,15 @@ def run(cfg: Config, report: Callable[[dict], None] | None = None) -> dict[str, 
     outcome = _outcome(progress.step, cfg)
     try:
         while outcome is None:
-            stats = train_one_step(engine, batches, engine_lib.lr_at(progress.step, cfg), ctx)
+            try:
+                stats = train_one_step(engine, batches, engine_lib.lr_at(progress.step, cfg), ctx)
+            except Exception as error:
+                if not engine_lib.loss_scale_exhausted(error):
+                    raise
+                raise NonFiniteLossError(
+                    f"fp16 gradients overflowed at the minimum loss scale (loss_scale.min_scale = {cfg.loss_scale.min_scale:g}) "
+                    f"at step {progress.step + 1}; stopping. Last good checkpoint: "
+                    f"{last_checkpoint or 'none (no checkpoint written yet)'}") from error
             progress.step += 1
             progress.loader.batches += cfg.train.grad_accum
             progress.samples_seen += images_per_step

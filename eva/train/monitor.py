@@ -114,7 +114,9 @@ class Monitor:
 
     def _write(self, record: dict[str, Any]) -> None:
         with open(self.run_dir / LOG_FILE, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
+            # strict JSON: a non-finite loss or gradient norm (fp16 overflow) is written as null
+            finite = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+            handle.write(json.dumps(finite, allow_nan=False) + "\n")
         if self.writer is not None:
             for key, value in record.items():
                 if key not in ("step", "time") and isinstance(value, (int, float)) and not isinstance(value, bool):

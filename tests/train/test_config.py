@@ -61,6 +61,8 @@ def test_resolved_config_round_trips():
     (["data.targets=online"], "config key data.teacher.model"),
     (["train.stop_at=11"], "config key train.stop_at = 11"),
     (["train.steps"], "not of the form dotted.key=value"),
+    (["loss_scale.min_scale=0.5"], "config key loss_scale.min_scale = 0.5: must be a whole number >= 1"),
+    (["loss_scale.window=0"], "config key loss_scale.window = 0: must be >= 1"),
 ])
 def test_bad_overrides_name_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):

@@ -171,3 +171,26 @@ def test_the_one_pass_gradient_norm_equals_deepspeeds_per_tensor_norm(tmp_path, 
     if processes == 2:  # the global norm: the same on every rank
         ours_by_rank = [[ours for ours, _ in outcome["norms"]] for outcome in outcomes]
         assert ours_by_rank[0] == pytest.approx(ours_by_rank[1], rel=1e-6)
+
+
+def test_deepspeeds_fp16_scaler_giving_up_is_recognised():
+    """The loop turns this exception into NonFiniteLossError (naming the step and last checkpoint)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
+    from eva.train.engine import loss_scale_exhausted
+
+    scaler = DynamicLossScaler(init_scale=1.0, scale_window=10, min_scale=1.0, delayed_shift=1, consecutive_hysteresis=False)
+    with pytest.raises(Exception) as raised:
+        scaler.update_scale(True)  # an overflow at the minimum scale
+    assert loss_scale_exhausted(raised.value) and not loss_scale_exhausted(RuntimeError("CUDA out of memory"))
+
+
+def test_a_loaded_loss_scaler_takes_the_configs_settings_and_keeps_its_scale():
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
+    from eva.train.engine import apply_loss_scale_settings
+
+    saved = DynamicLossScaler(init_scale=2.0**16, scale_window=500, min_scale=1.0, delayed_shift=2, consecutive_hysteresis=False)
+    saved.cur_hysteresis = 1  # the run's state: one overflow absorbed
+    cfg = load_config(GIANT, ["loss_scale.window=100", "loss_scale.hysteresis=4", "loss_scale.min_scale=8"])
+    apply_loss_scale_settings(saved, cfg.loss_scale)
+    assert (saved.scale_window, saved.delayed_shift, saved.min_scale) == (100, 4, 8)
+    assert saved.cur_scale == 2.0**16 and saved.cur_hysteresis == 1

@@ -181,6 +181,28 @@ def test_sigterm_saves_a_checkpoint_and_a_rerun_resumes(tiny_train_dir, tmp_path
     assert latest_checkpoint(run_dir).name == f"step_{step + 2:08d}"
 
 
+def optimizer_settings(ckpt: Path) -> dict:
+    """What the ZeRO optimizer state in a checkpoint trained with: per-group AdamW settings, clipping."""
+    [path] = (ckpt / "deepspeed").glob("zero_pp_rank_0_*optim_states.pt")
+    state = WeightsOnlyCheckpointEngine().load(str(path), map_location="cpu")["optimizer_state_dict"]
+    groups = state["base_optimizer_state"]["param_groups"]
+    return {"weight_decay": [g["weight_decay"] for g in groups], "betas": [tuple(g["betas"]) for g in groups],
+            "eps": [g["eps"] for g in groups], "clip_grad": state["clip_grad"]}
+
+
+def test_a_run_resumed_with_changed_optimizer_settings_trains_with_them(tiny_train_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    common = (f"data.train={tiny_train_dir}", "train.steps=4", "checkpoint.every=2", *FAST, f"run_dir={run_dir}")
+    run_trainer(*common, "train.stop_at=2")
+    assert optimizer_settings(latest_checkpoint(run_dir)) == {
+        "weight_decay": [0.05, 0.0], "betas": [(0.9, 0.98)] * 2, "eps": [1e-6] * 2, "clip_grad": 3.0}
+    resumed = run_trainer(*common, "train.weight_decay=0.1", "train.betas=[0.8,0.95]", "train.eps=1e-8", "train.clip_grad=1.0")
+    assert "(config changed: train.betas, train.clip_grad, train.eps, train.weight_decay)" in resumed.stdout
+    assert latest_checkpoint(run_dir).name == "step_00000004"
+    assert optimizer_settings(latest_checkpoint(run_dir)) == {
+        "weight_decay": [0.1, 0.0], "betas": [(0.8, 0.95)] * 2, "eps": [1e-8] * 2, "clip_grad": 1.0}
+
+
 def test_a_run_of_nonfinite_losses_stops_naming_the_step_and_last_good_checkpoint(tiny_train_dir, tmp_path):
     run_dir = tmp_path / "run"
     # an absurd LR: step 1 is finite and checkpointed, then the weights overflow and the loss is NaN
@@ -193,7 +215,23 @@ def test_a_run_of_nonfinite_losses_stops_naming_the_step_and_last_good_checkpoin
            f"Last good checkpoint: {good}" in result.stderr
     log = read_log(run_dir)
     assert [r["skipped_steps"] for r in log] == [0, 1, 2, 3]  # DeepSpeed dropped the non-finite updates
+    strict = [json.loads(line, parse_constant=lambda name: pytest.fail(f"log.jsonl holds {name}"))
+              for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    assert [r["loss"] is None for r in strict] == [False, True, True, True]  # null, not NaN
     assert latest_checkpoint(run_dir) == good
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="DeepSpeed runs fp16 on CUDA only")
+def test_fp16_overflow_at_the_minimum_loss_scale_stops_naming_the_step_and_last_good_checkpoint(tiny_train_dir, tmp_path):
+    """DeepSpeed's scaler raises a bare Exception there, before the patience count could stop the run."""
+    run_dir = tmp_path / "run"
+    result = run_trainer(f"data.train={tiny_train_dir}", f"run_dir={run_dir}", "precision=fp16", "train.steps=50",
+                         "train.lr=1e30", "train.min_lr=0", "checkpoint.every=1", "train.nonfinite_patience=50",
+                         "loss_scale.initial_scale_power=1", "loss_scale.hysteresis=1", *FAST, "train.warmup_steps=0",
+                         check=False)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "fp16 gradients overflowed at the minimum loss scale (loss_scale.min_scale = 1) at step " in result.stderr
+    assert f"Last good checkpoint: {run_dir / 'checkpoints' / 'step_00000001'}" in result.stderr
 
 
 def test_compiled_training_follows_the_eager_losses_and_keeps_the_checkpoint_keys(tiny_train_dir, tmp_path, monkeypatch):
