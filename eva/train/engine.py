@@ -81,7 +81,15 @@ def deepspeed_config(cfg) -> dict:
         "train_micro_batch_size_per_gpu": t.batch_size,
         "gradient_accumulation_steps": t.grad_accum,
         "gradient_clipping": t.clip_grad,
-        "zero_optimization": {"stage": cfg.zero_stage},
+        "zero_optimization": {
+            "stage": cfg.zero_stage,
+            # ZeRO-1 (without overlap_comm) reduces the gradients in a Python loop over the tensors
+            # after the backward, while a GPU has little queued. DeepSpeed's default contiguous
+            # buffer adds two copies per tensor there: ~20 ms of host time a step at EVA-g's 529
+            # tensors (benchmarks/bench_host_overhead.py). Without it, each bucket is flattened and
+            # all-reduced as before: bit-identical results (tests/train/test_engine.py).
+            "contiguous_gradients": cfg.zero_stage >= 2,
+        },
         "steps_per_print": 2**31 - 1,  # progress is ours (eva.train.monitor)
         "wall_clock_breakdown": False,
         # DeepSpeed's throughput timer waits for the device at every forward and step; ours does not

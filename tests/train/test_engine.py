@@ -31,7 +31,7 @@ def test_lr_warms_up_linearly_from_zero_then_follows_a_cosine_to_min_lr():
 def test_eva_giant_deepspeed_config_is_zero1_fp16_with_evas_loss_scaling():
     config = deepspeed_config(load_config(GIANT))
     assert config["train_micro_batch_size_per_gpu"] == 32 and config["gradient_accumulation_steps"] == 1
-    assert config["gradient_clipping"] == 3.0 and config["zero_optimization"] == {"stage": 1}
+    assert config["gradient_clipping"] == 3.0 and config["zero_optimization"] == {"stage": 1, "contiguous_gradients": False}
     assert config["fp16"] == {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 500,
                               "hysteresis": 2, "min_loss_scale": 1.0}
     assert "bf16" not in config
@@ -40,7 +40,7 @@ def test_eva_giant_deepspeed_config_is_zero1_fp16_with_evas_loss_scaling():
 def test_bf16_and_fp32_configs():
     bf16 = deepspeed_config(load_config(GIANT, ["precision=bf16", "train.grad_accum=4", "zero_stage=2"]))
     assert bf16["bf16"] == {"enabled": True} and "fp16" not in bf16
-    assert bf16["gradient_accumulation_steps"] == 4 and bf16["zero_optimization"] == {"stage": 2}
+    assert bf16["gradient_accumulation_steps"] == 4 and bf16["zero_optimization"] == {"stage": 2, "contiguous_gradients": True}
     fp32 = deepspeed_config(load_config(GIANT, ["precision=fp32"]))
     assert "bf16" not in fp32 and "fp16" not in fp32
 
@@ -194,3 +194,64 @@ def test_a_loaded_loss_scaler_takes_the_configs_settings_and_keeps_its_scale():
     apply_loss_scale_settings(saved, cfg.loss_scale)
     assert (saved.scale_window, saved.delayed_shift, saved.min_scale) == (100, 4, 8)
     assert saved.cur_scale == 2.0**16 and saved.cur_hysteresis == 1
+
+
+GRADIENT_PATH_CHECK = r'''
+import json, sys
+from pathlib import Path
+import numpy as np
+import torch
+from eva.loss import negative_cosine_loss
+from eva.masking import BlockMaskGenerator
+from eva.mim import create_mim_model
+from eva.train import engine as engine_lib
+from eva.train.config import config_from_dict
+
+out_dir, setting = Path(sys.argv[1]), sys.argv[2]
+if setting == "deepspeed_default":  # DeepSpeed's own ZeRO-1 gradient path: the contiguous buffer
+    trainer_config = engine_lib.deepspeed_config
+    def with_contiguous(cfg):
+        config = trainer_config(cfg)
+        del config["zero_optimization"]["contiguous_gradients"]
+        return config
+    engine_lib.deepspeed_config = with_contiguous
+cfg = config_from_dict({"model": {"name": "tiny"}, "data": {"train": "unused"}, "run_dir": "unused", "precision": "bf16",
+                        "train": {"steps": 10, "batch_size": 2, "lr": 1e-3, "warmup_steps": 0, "grad_accum": 2}})
+dist_info = engine_lib.init_distributed()
+torch.manual_seed(0)
+engine = engine_lib.build_engine(create_mim_model("tiny", 16), cfg, dist_info)
+contiguous = engine.optimizer.contiguous_gradients
+generator = torch.Generator().manual_seed(1 + dist_info.rank)  # each rank its own micro-batches
+losses = []
+for micro_step in range(6):  # three optimizer steps of two micro-batches
+    images = torch.randn(2, 3, 64, 64, generator=generator).to(torch.bfloat16)
+    mask = torch.from_numpy(np.stack([BlockMaskGenerator((8, 8), 26, 4)(np.random.default_rng([micro_step, i, dist_info.rank])).reshape(-1)
+                                      for i in range(2)]))
+    out = engine(images, mask, 26)
+    loss = negative_cosine_loss(out.pred, out.gather(torch.randn(2, 64, 16, generator=generator)), out.valid)
+    engine.backward(loss)
+    engine.step()
+    losses.append(loss.item())
+weights = {name: p.detach().float() for name, p in engine.module.named_parameters()}
+torch.save(weights, out_dir / f"{setting}_rank{dist_info.rank}.pt")
+(out_dir / f"{setting}_rank{dist_info.rank}.json").write_text(json.dumps({"losses": losses, "contiguous": contiguous}))
+'''
+
+
+def test_zero1_without_deepspeeds_contiguous_gradient_buffer_trains_bit_identically(tmp_path):
+    """The trainer turns ZeRO-1's contiguous gradient buffer off (host time, benchmarks/
+    bench_host_overhead.py): two ranks, gradient accumulation, the same losses and weights."""
+    script = tmp_path / "gradient_path.py"
+    script.write_text(GRADIENT_PATH_CHECK)
+    for setting in ("trainer", "deepspeed_default"):
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                    "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+        result = subprocess.run(launcher + [str(script), str(tmp_path), setting], cwd=REPO_ROOT, capture_output=True,
+                                text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"})
+        assert result.returncode == 0, result.stderr[-3000:]
+    for rank in range(2):
+        ours, default = (json.loads((tmp_path / f"{s}_rank{rank}.json").read_text()) for s in ("trainer", "deepspeed_default"))
+        assert (ours["contiguous"], default["contiguous"]) == (False, True)
+        assert ours["losses"] == default["losses"] and len(set(ours["losses"])) == 6
+        a, b = (torch.load(tmp_path / f"{s}_rank{rank}.pt", weights_only=True) for s in ("trainer", "deepspeed_default"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
