@@ -609,6 +609,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--protocol {' '.join(probes)} needs --train and --test")
     if "masked" in args.protocol and (args.checkpoint is None or args.masked_data is None):
         parser.error("--protocol masked needs --checkpoint (a run or checkpoint directory) and --masked-data")
+    if "masked" in args.protocol and args.checkpoint.suffix == ".safetensors":  # before any probe runs
+        parser.error(f"--protocol masked needs the MIM head: {args.checkpoint} holds only the backbone "
+                     "(give a run or checkpoint directory)")
     device = resolve_device(args.device)
     try:
         results: dict = {}
@@ -622,8 +625,6 @@ def main(argv: list[str] | None = None) -> int:
             results = evaluate(encoder, args.train, args.test, probes, args.batch_size, device, args.k,
                                args.temperature, args.linear_steps, args.workers, not args.no_progress)
         if "masked" in args.protocol:
-            if args.checkpoint.suffix == ".safetensors":
-                raise ValueError(f"{args.checkpoint} holds only the backbone; --protocol masked needs the MIM head (a run or checkpoint directory)")
             model, meta = load_mim_model(args.checkpoint)
             results["masked"] = {"step": meta.get("step"), **masked_feature_cosine(
                 model, args.masked_data, args.mask_seed, args.max_samples, args.batch_size, device,

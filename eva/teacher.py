@@ -174,6 +174,12 @@ def _resolve_config(model: str) -> tuple[dict, dict, str]:
     return cfg, dict(preprocess), "file"
 
 
+def is_weights_path(weights: str) -> bool:
+    """Whether `weights` names a local checkpoint file (existing or not) rather than `none` or a tag."""
+    return weights != WEIGHTS_NONE and (os.path.isfile(weights) or os.sep in weights
+                                        or Path(weights).suffix in (".pt", ".pth", ".bin", ".safetensors", ".ckpt"))
+
+
 def _resolve_weights(model: str, weights: str, config_source: str) -> tuple[Path | None, dict]:
     """(checkpoint file or None for random init, the pretrained tag's config or {})."""
     import open_clip
@@ -182,7 +188,7 @@ def _resolve_weights(model: str, weights: str, config_source: str) -> tuple[Path
         return None, {}
     if os.path.isfile(weights):
         return Path(weights), {}
-    if os.sep in weights or Path(weights).suffix in (".pt", ".pth", ".bin", ".safetensors", ".ckpt"):
+    if is_weights_path(weights):
         raise TeacherError(f"teacher weights {weights}: no such file")
     tag_cfg = open_clip.get_pretrained_cfg(model, weights) if config_source == "builtin" else {}
     if not tag_cfg:

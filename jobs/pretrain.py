@@ -19,8 +19,12 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))  # plain `python jobs/pretrain.py` from a checkout
 
+from eva.teacher import is_weights_path  # noqa: E402
 from eva.train.config import Config, ConfigError, load_config  # noqa: E402
 from pipeline.local_ray import keep_embedded_ray_on_loopback  # noqa: E402
+
+START_TIMEOUT_VARIABLE = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+DEFAULT_START_TIMEOUT_S = 600.0
 
 
 def train_worker(loop_config: dict) -> None:
@@ -40,9 +44,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--gpus-per-worker", type=float, default=0, help="GPUs per worker (0: CPU training)")
     parser.add_argument("--cpus-per-worker", type=float, default=1, help="CPUs per worker (loader workers included)")
     parser.add_argument("--max-failures", type=int, default=0, help="worker-group restarts (each resumes from latest)")
-    parser.add_argument("--worker-start-timeout", type=float, default=600,
-                        help="seconds Ray Train waits for the worker group to start (its default, 60 s, is short for "
-                             "workers that import deepspeed on a busy node)")
+    parser.add_argument("--worker-start-timeout", type=float, default=None,
+                        help="seconds Ray Train waits for the worker group to start (default: "
+                             f"${START_TIMEOUT_VARIABLE} if set, else {DEFAULT_START_TIMEOUT_S:g}; Ray's own 60 s is "
+                             "short for workers that import deepspeed on a busy node)")
     parser.add_argument("--ray-address", default=None, help="cluster to join (default: RAY_ADDRESS, else a local Ray)")
     parser.add_argument("overrides", nargs="*", metavar="dotted.key=value")
     args = parser.parse_args(argv)
@@ -58,6 +63,8 @@ def absolute_paths(cfg: Config) -> Config:
     teacher = cfg.data.teacher.model
     if teacher and (teacher.endswith(".json") or os.sep in teacher):
         cfg.data.teacher.model = str(Path(teacher).resolve())
+    if is_weights_path(cfg.data.teacher.weights):
+        cfg.data.teacher.weights = str(Path(cfg.data.teacher.weights).resolve())
     return cfg
 
 
@@ -82,8 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False,
                  runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}})
-    # Ray Train passes this variable from the driver to its controller
-    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(args.worker_start_timeout))
+    # Ray Train passes this variable from the driver to its controller; the flag wins over the environment
+    if args.worker_start_timeout is not None:
+        os.environ[START_TIMEOUT_VARIABLE] = str(args.worker_start_timeout)
+    os.environ.setdefault(START_TIMEOUT_VARIABLE, str(DEFAULT_START_TIMEOUT_S))
     use_gpu = args.gpus_per_worker > 0
     resources = {"CPU": args.cpus_per_worker, **({"GPU": args.gpus_per_worker} if use_gpu else {})}
     trainer = TorchTrainer(

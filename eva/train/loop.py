@@ -228,6 +228,7 @@ def run(cfg: Config, report: Callable[[dict], None] | None = None) -> dict[str, 
     batches = make_loader(data, cfg, dist_info.rank, dist_info.world_size, progress.loader, device.type == "cuda")
     nonfinite_since: int | None = None  # first step of the current run of non-finite losses
     outcome = _outcome(progress.step, cfg)
+    monitor.start_clock()
     try:
         while outcome is None:
             try:
@@ -260,7 +261,9 @@ def run(cfg: Config, report: Callable[[dict], None] | None = None) -> dict[str, 
             outcome = "terminated" if stop_requested else _outcome(progress.step, cfg)
             due = progress.step % cfg.checkpoint.every == 0 or outcome is not None
             if due and nonfinite_since is None:
+                saving = time.perf_counter()
                 last_checkpoint = checkpointing.save_checkpoint(engine, run_dir, progress, meta_base, dist_info)
+                monitor.exclude(time.perf_counter() - saving)  # img/s and MFU count training time only
     finally:
         close_loader_iterator(batches)
         monitor.close()

@@ -16,8 +16,10 @@ import torch
 LOG_FILE = "log.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 
-# Dense (no sparsity) bf16/fp16 tensor-core peaks in TFLOP/s, from the vendors' data sheets.
+# Dense (no sparsity) bf16/fp16 tensor-core peaks in TFLOP/s, from the vendors' data sheets. The
+# first key found in the device's name wins: more specific names first.
 PEAK_TFLOPS = {
+    "H200 NVL": 835.5,
     "H200": 989.4,
     "H100 80GB HBM3": 989.4,   # SXM
     "H100 SXM": 989.4,
@@ -31,11 +33,11 @@ def device_peak_tflops(device: torch.device, precision: str) -> float | None:
     """The device's dense bf16/fp16 peak, or None (CPU, fp32, or a card not in PEAK_TFLOPS)."""
     if device.type != "cuda" or precision == "fp32":
         return None
-    name = torch.cuda.get_device_name(device)
-    for key, peak in PEAK_TFLOPS.items():
-        if key in name:
-            return peak
-    return None
+    return peak_tflops_of(torch.cuda.get_device_name(device))
+
+
+def peak_tflops_of(device_name: str) -> float | None:
+    return next((peak for key, peak in PEAK_TFLOPS.items() if key in device_name), None)
 
 
 def train_flops_per_image(model_kwargs: dict, target_dim: int, masked_tokens: float) -> float:
@@ -78,6 +80,14 @@ class Monitor:
             return
         kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= start_step]
         path.write_text("".join(line + "\n" for line in kept))
+
+    def start_clock(self) -> None:
+        """The first window's throughput counts from here (the loop's start), not from set-up."""
+        self._window_start = time.perf_counter()
+
+    def exclude(self, seconds: float) -> None:
+        """Leave time that is not training (a checkpoint save) out of the window's throughput."""
+        self._window_start += seconds
 
     def update(self, step: int, stats: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any] | None:
         """Record one step; every `every` steps return (and on rank 0 write) the record."""

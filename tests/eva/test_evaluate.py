@@ -342,6 +342,10 @@ def test_cli_writes_json_and_rejects_bad_input(labelled, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--random-init", "tiny", "--train", str(tmp_path / "nope"), "--test", str(labelled["test_folder"])])
     assert "nope does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # refused before any feature is extracted (the files need not exist)
+        main(["--checkpoint", str(tmp_path / "backbone.safetensors"), "--protocol", "knn", "masked",
+              "--train", str(tmp_path / "nope"), "--test", str(tmp_path / "nope"), "--masked-data", str(tmp_path)])
+    assert "--protocol masked needs the MIM head" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- masked-feature cosine
