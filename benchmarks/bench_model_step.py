@@ -56,7 +56,7 @@ class TimmMIM(nn.Module):
         return self.head(x[:, 1:][mask])  # [M, target_dim]
 
     def no_weight_decay(self) -> set[str]:
-        return {"backbone.pos_embed", "backbone.cls_token", "mask_token"}
+        return {"backbone.pos_embed", "backbone.cls_token"}  # as MIMModel: the mask token is decayed
 
 
 def synchronize(device: torch.device) -> None:

@@ -69,7 +69,8 @@ class MIMModel(nn.Module):
         return MaskedPredictions(self.head(self.backbone.norm(x)), index, valid)  # LayerNorm is per token
 
     def no_weight_decay(self) -> set[str]:
-        return {f"backbone.{name}" for name in self.backbone.no_weight_decay()} | {"mask_token"}
+        # EVA-01's (BEiT's): pos_embed and cls_token; the mask token [1, 1, D] is decayed like a weight
+        return {f"backbone.{name}" for name in self.backbone.no_weight_decay()}
 
 
 def create_mim_model(variant: str, target_dim: int, **overrides) -> MIMModel:
@@ -79,7 +80,7 @@ def create_mim_model(variant: str, target_dim: int, **overrides) -> MIMModel:
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """AdamW groups: weight decay on weight matrices only; none on the model's `no_weight_decay()`
-    names (position embedding, cls and mask tokens), biases and other 1-d parameters (norms)."""
+    names (position embedding, cls token), biases and other 1-d parameters (norms)."""
     skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
     decay, no_decay = [], []
     for name, param in model.named_parameters():

@@ -115,7 +115,7 @@ def lr_at(step: int, cfg) -> float:
 
 def build_engine(model: MIMModel, cfg, dist_info: DistInfo):
     """DeepSpeed engine around `model` with AdamW (EVA's betas/eps, decay 0.05 except pos_embed,
-    cls/mask tokens, biases and norms); the LR is set per step by the loop (`set_lr`)."""
+    cls token, biases and norms); the LR is set per step by the loop (`set_lr`)."""
     if cfg.model.compile:  # in place: the state-dict keys stay
         if cfg.model.compile_scope == "model":
             # one graph: fusions across blocks; every gradient arrives at the end of backward. The
