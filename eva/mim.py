@@ -69,7 +69,7 @@ class MIMModel(nn.Module):
         return MaskedPredictions(self.head(self.backbone.norm(x)), index, valid)  # LayerNorm is per token
 
     def no_weight_decay(self) -> set[str]:
-        # EVA-01's (BEiT's): pos_embed and cls_token; the mask token [1, 1, D] is decayed like a weight
+        # BEiT's and EVA-02's pretraining models: pos_embed and cls_token; the mask token is decayed
         return {f"backbone.{name}" for name in self.backbone.no_weight_decay()}
 
 

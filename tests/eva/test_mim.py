@@ -121,7 +121,7 @@ def test_param_groups_exempt_embeddings_tokens_biases_and_norms(model):
     decayed = {names[id(p)] for p in decay["params"]}
     exempt = {names[id(p)] for p in no_decay["params"]}
     assert decayed.isdisjoint(exempt) and decayed | exempt == set(names.values())
-    assert model.no_weight_decay() == {"backbone.pos_embed", "backbone.cls_token"}  # EVA-01's, as BEiT's
+    assert model.no_weight_decay() == {"backbone.pos_embed", "backbone.cls_token"}  # as BEiT and EVA-02 pretrain
     assert model.no_weight_decay() <= exempt
     assert {"blocks.0.attn.q_bias", "blocks.0.norm1.weight", "norm.bias"} <= {n.removeprefix("backbone.") for n in exempt}
     assert all(n.endswith(".weight") and "norm" not in n for n in decayed - {"mask_token"})
