@@ -10,7 +10,7 @@ and backward in bf16. Ours: `eva.train.engine.build_engine` (the trainer's engin
 foreach AdamW with foreach clipping. Rounds alternate between the two; each phase is a median
 over rounds. Prints one JSON object.
 
-    python benchmarks/bench_host_overhead.py [--rounds 20] [--steps-per-round 5] [--zero contiguous_gradients=false]
+    python benchmarks/bench_host_overhead.py [--rounds 20] [--steps-per-round 5] [--zero contiguous_gradients=true]
 """
 from __future__ import annotations
 

@@ -7,7 +7,8 @@
     RUN_DIR/checkpoints/latest  moved last, by rank 0, once every rank has written its part
 
 meta.json holds the model kwargs, the resolved config, the step, samples seen, the data position,
-the skipped-step count and the train manifest's hash. Everything is loaded with weights_only=True.
+the skipped-step count, the train manifest's hash and the parameters AdamW does not decay (ZeRO lays
+out its optimizer state by parameter group). Everything is loaded with weights_only=True.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import torch.distributed as dist
 
 from eva.checkpoints import (CHECKPOINTS, LATEST, META_FILE, checkpoint_dir_name, flush_to_disk, latest_checkpoint, set_latest,
                              write_model_weights)
-from eva.mim import MIMModel
+from eva.mim import MIMModel, param_groups
 from eva.train.data import LoaderState
 from eva.train.engine import DistInfo, full_fp32_state_dict
 from eva.vit import ARCHITECTURE_KEYS, VisionTransformer
@@ -42,6 +43,13 @@ class TrainProgress:
     samples_seen: int = 0         # over all ranks
     skipped_steps: int = 0        # steps whose update was dropped (fp16 overflow, non-finite grads)
     loader: LoaderState = field(default_factory=LoaderState)  # data position (same on every rank)
+
+
+def undecayed_parameters(model: MIMModel) -> list[str]:
+    """Names of the parameters in AdamW's no-decay group (eva.mim.param_groups)."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    _, no_decay = param_groups(model, 0.0)
+    return sorted(names[id(p)] for p in no_decay["params"])
 
 
 def _rng_file(ckpt_dir: Path, rank: int) -> Path:
@@ -73,11 +81,14 @@ def save_checkpoint(engine, run_dir: Path, progress: TrainProgress, meta: dict[s
             "skipped_steps": progress.skipped_steps,
             "data_position": {"start_epoch": progress.loader.start_epoch, "batches": progress.loader.batches},
             "world_size": dist_info.world_size,
+            "undecayed_parameters": undecayed_parameters(engine.module),
             "deepspeed_state": DEEPSPEED_TAG,       # subdirectory: ZeRO optimizer partitions, loss scaler, steps
             "rng_state": f"{RNG_DIR}/rank_*.pt",    # per-rank torch RNG
         })
-    flush_to_disk(ckpt_dir)  # every rank: what it wrote is on disk before `latest` names it
-    dist.barrier()
+    dist.barrier()  # every rank has written its part
+    if dist_info.local_rank == 0:  # one process a node: the node's page cache holds what its ranks wrote
+        flush_to_disk(ckpt_dir)
+    dist.barrier()  # on disk everywhere before `latest` names it
     if dist_info.is_main:
         set_latest(run_dir, ckpt_dir)
     dist.barrier()
@@ -108,6 +119,13 @@ def load_checkpoint(engine, ckpt_dir: Path, dist_info: DistInfo) -> dict[str, An
             f"checkpoint {ckpt_dir} was written by {meta['world_size']} ranks, this run has "
             f"{dist_info.world_size}: ZeRO partitions the optimizer state per rank, so resume with the same "
             f"world size (or start a new run_dir from its model.pt)")
+    saved_groups, groups = meta.get("undecayed_parameters"), undecayed_parameters(model)
+    if saved_groups is not None and saved_groups != groups:  # absent: written before it was recorded
+        moved = sorted(set(saved_groups) ^ set(groups))
+        raise ResumeError(
+            f"checkpoint {ckpt_dir} was written with other weight-decay groups (moved: {', '.join(moved[:4])}"
+            f"{', ...' if len(moved) > 4 else ''}); ZeRO lays out the optimizer state by group, so it cannot be "
+            f"loaded here: start a new run_dir from its model.pt")
     load_path, _ = engine.load_checkpoint(str(ckpt_dir), tag=DEEPSPEED_TAG, load_optimizer_states=True,
                                           load_lr_scheduler_states=False)
     if load_path is None:

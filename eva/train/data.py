@@ -13,9 +13,10 @@ position is then one number per rank: batches consumed since `start_epoch` began
 
 Per-sample randomness (which stored view, the fresh view in online mode, the block mask) comes
 from a generator seeded by (seed, key, epoch): it does not depend on batching or worker count.
-Each of the loader's random streams ends its seed with its own tag (STREAM_TAGS), so none of them
-repeats another, nor the target stage's view streams (eva.views.view_rng, seeded by (seed, key,
-view index)): without the tag, epoch e's mask would reuse the very numbers that drew stored view e.
+Each of the loader's random streams starts its seed with a tag of its own (STREAM_TAGS), so they
+repeat neither each other nor the target stage's view streams (eva.views.view_rng, seeded by
+(seed, key, view index)) unless a seed equals a tag: without it, epoch e's mask would reuse the very
+numbers that drew stored view e.
 
 Each worker stacks its batches into a ring of reused shared-memory buffers (BatchBuffers); the
 trainer hands a batch's buffers back by asking for the next batch (ReleasingIterator).
@@ -183,18 +184,19 @@ def _counts_without(names: list[str], counts: list[int], duplicates: frozenset[s
     return result
 
 
-# the last seed word of each of the loader's random streams: keeps them apart (module docstring)
-STREAM_TAGS = {"shard_order": 1, "shuffle": 2, "sample": 3}
+# the first seed word of each of the loader's random streams: keeps them apart (module docstring)
+STREAM_TAGS = {"shard_order": 2**31 + 1, "shuffle": 2**31 + 2, "sample": 2**31 + 3}
 
 
 def sample_rng(seed: int, key: str, epoch: int) -> np.random.Generator:
     """The generator for one sample in one epoch: view choice (or fresh view), then mask."""
-    return np.random.default_rng(np.random.SeedSequence([seed, int(key), epoch, STREAM_TAGS["sample"]]))
+    return np.random.default_rng(np.random.SeedSequence([STREAM_TAGS["sample"], seed, int(key), epoch]))
 
 
 def epoch_shards(data: TrainData, seed: int, epoch: int, rank: int, world_size: int, worker: int, num_workers: int) -> list[int]:
     """Indices of the shards that logical `worker` of `rank` reads in `epoch` (split by node, then worker)."""
-    order = np.random.default_rng(np.random.SeedSequence([seed, epoch, STREAM_TAGS["shard_order"]])).permutation(len(data.shard_names))
+    rng = np.random.default_rng(np.random.SeedSequence([STREAM_TAGS["shard_order"], seed, epoch]))
+    order = rng.permutation(len(data.shard_names))
     return [int(i) for i in order[rank::world_size][worker::num_workers]]
 
 
@@ -435,7 +437,8 @@ class ShardStream(IterableDataset):
     def worker_epoch_pipeline(self, worker: int, epoch: int, skip: int = 0) -> wds.DataPipeline:
         """The webdataset stages of one logical worker's epoch; the first `skip` samples are dropped."""
         paths, count = self.worker_epoch_shards(worker, epoch)
-        shuffle_seed = int(np.random.SeedSequence([self.seed, epoch, self.rank, worker, STREAM_TAGS["shuffle"]]).generate_state(1)[0])
+        shuffle_seed = int(np.random.SeedSequence([STREAM_TAGS["shuffle"], self.seed, epoch, self.rank, worker])
+                           .generate_state(1)[0])
         return wds.DataPipeline(
             wds.SimpleShardList(paths),                          # this worker's shards, in epoch order
             TarSamples(),                                        # tar members grouped by key (raw bytes)

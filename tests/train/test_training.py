@@ -203,6 +203,22 @@ def test_a_run_resumed_with_changed_optimizer_settings_trains_with_them(tiny_tra
         "weight_decay": [0.1, 0.0], "betas": [(0.8, 0.95)] * 2, "eps": [1e-8] * 2, "clip_grad": 1.0}
 
 
+def test_a_checkpoint_with_other_weight_decay_groups_is_refused_before_deepspeed_loads_it(tiny_train_dir, tmp_path):
+    """ZeRO lays out its optimizer state by parameter group: DeepSpeed's own error would blame its
+    alignment setting. The checkpoint records the undecayed parameters; resume compares them."""
+    run_dir = tmp_path / "run"
+    common = (f"data.train={tiny_train_dir}", "train.steps=4", "checkpoint.every=2", *FAST, f"run_dir={run_dir}")
+    run_trainer(*common, "train.stop_at=2")
+    meta_path = latest_checkpoint(run_dir) / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    assert "backbone.cls_token" in meta["undecayed_parameters"] and "mask_token" not in meta["undecayed_parameters"]
+    meta["undecayed_parameters"] = sorted(meta["undecayed_parameters"] + ["mask_token"])  # as an older grouping had it
+    meta_path.write_text(json.dumps(meta))
+    refused = run_trainer(*common, check=False)
+    assert refused.returncode == 1, refused.stderr[-3000:]
+    assert "was written with other weight-decay groups (moved: mask_token)" in refused.stderr
+
+
 def test_a_run_of_nonfinite_losses_stops_naming_the_step_and_last_good_checkpoint(tiny_train_dir, tmp_path):
     run_dir = tmp_path / "run"
     # an absurd LR: step 1 is finite and checkpointed, then the weights overflow and the loss is NaN
@@ -232,6 +248,34 @@ def test_fp16_overflow_at_the_minimum_loss_scale_stops_naming_the_step_and_last_
     assert result.returncode == 1, result.stderr[-3000:]
     assert "fp16 gradients overflowed at the minimum loss scale (loss_scale.min_scale = 1) at step " in result.stderr
     assert f"Last good checkpoint: {run_dir / 'checkpoints' / 'step_00000001'}" in result.stderr
+
+
+# the trainer's main(), where the third step raises what DeepSpeed's fp16 scaler raises at its minimum
+SCALER_GIVES_UP_AT_STEP_3 = """
+import sys
+from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
+import eva.train.loop as loop
+real_step, calls = loop.train_one_step, []
+def train_one_step(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 3:
+        DynamicLossScaler(init_scale=1.0, scale_window=1, min_scale=1.0, delayed_shift=1,
+                          consecutive_hysteresis=False).update_scale(True)
+    return real_step(*args, **kwargs)
+loop.train_one_step = train_one_step
+from eva.train.main import main
+sys.exit(main(sys.argv[3:]))  # argv: -c -m eva.train --config ...
+"""
+
+
+def test_deepspeeds_scaler_giving_up_stops_like_a_nonfinite_run(tiny_train_dir, tmp_path):
+    """The loop's side of it on the CPU (the fp16 run itself needs CUDA: the test above)."""
+    run_dir = tmp_path / "run"
+    result = run_trainer(f"data.train={tiny_train_dir}", f"run_dir={run_dir}", "train.steps=5", "checkpoint.every=2",
+                         *FAST, launcher=[sys.executable, "-c", SCALER_GIVES_UP_AT_STEP_3], check=False)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert (f"fp16 gradients overflowed at the minimum loss scale (loss_scale.min_scale = 1) at step 3; stopping. "
+            f"Last good checkpoint: {run_dir / 'checkpoints' / 'step_00000002'}") in result.stderr
 
 
 def test_compiled_training_follows_the_eager_losses_and_keeps_the_checkpoint_keys(tiny_train_dir, tmp_path, monkeypatch):
