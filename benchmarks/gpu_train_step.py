@@ -47,6 +47,8 @@ EXTRA_BUDGET_SHARE = 0.78
 
 # DeepSpeed settings --diagnose compares with the trainer's (each merged into its config)
 DIAGNOSE_DS_OVERRIDES = {
+    # DeepSpeed's default ZeRO-1 gradient path, which the trainer left in the sixth session (host time)
+    "contiguous_gradients": {"zero_optimization": {"contiguous_gradients": True}},
     "overlap_comm": {"zero_optimization": {"overlap_comm": True}},
     # diagnosis only: also turns off the gradient-norm check that skips non-finite steps (its sync)
     "no_bf16_overflow_check": {"bf16": {"check_grad_overflow": False}},
