@@ -27,20 +27,12 @@ from eva.masking import BlockMaskGenerator
 from eva.mim import create_mim_model, param_groups
 from eva.train import engine as engine_lib
 from eva.train.config import config_from_dict
-from report import emit, machine  # benchmarks/, this script's directory
+from gpu_train_step import use_deepspeed_overrides  # benchmarks/, this script's directory
+from report import emit, machine
 
 # EVA-g's depth (so its tensor count) at a width where the model's own compute is a few ms
 TOY_GIANT = dict(depth=40, embed_dim=32, num_heads=2, mlp_hidden_dim=64, img_size=32, patch_size=8)
 PHASES = ("forward", "backward", "step")
-
-
-def with_zero_options(trainer_config, options: dict):
-    """The trainer's DeepSpeed config with extra zero_optimization settings (diagnosis only)."""
-    def config(cfg) -> dict:
-        result = trainer_config(cfg)
-        result["zero_optimization"].update(options)
-        return result
-    return config
 
 
 def timed_step(forward, backward, step) -> dict[str, float]:
@@ -74,7 +66,7 @@ def main() -> None:
     plain_model.load_state_dict(ours_model.state_dict())
     tensors = sum(1 for _ in ours_model.parameters())
     if zero:
-        engine_lib.deepspeed_config = with_zero_options(engine_lib.deepspeed_config, zero)
+        use_deepspeed_overrides({"zero_optimization": zero})
     engine = engine_lib.build_engine(ours_model, cfg, dist_info)
     optimizer = torch.optim.AdamW(param_groups(plain_model, 0.05), lr=1e-4, betas=(0.9, 0.98), eps=1e-6, foreach=True)
 

@@ -209,9 +209,8 @@ def run_ours(args) -> dict:
         "mask": {"num_masking_patches": num_masking, "min_num_patches": min_patches},
         "train": {"steps": 1000, "batch_size": settings["batch"], "lr": 1.0e-4, "warmup_steps": 0},
     })
-    if args.ds_override:  # a DeepSpeed setting to compare (diagnosis): merged into the trainer's config
-        overrides, trainer_config = json.loads(args.ds_override), engine_lib.deepspeed_config
-        engine_lib.deepspeed_config = lambda c: merge_config(trainer_config(c), overrides)
+    if args.ds_override:  # a DeepSpeed setting to compare (diagnosis)
+        use_deepspeed_overrides(json.loads(args.ds_override))
     dist_info = engine_lib.init_distributed()
     torch.manual_seed(0)
     with device:  # initialised where it trains: a billion trunc-normal draws on the CPU take long
@@ -245,6 +244,14 @@ def merge_config(config: dict, overrides: dict) -> dict:
     for key, value in overrides.items():
         config[key] = merge_config(dict(config.get(key, {})), value) if isinstance(value, dict) else value
     return config
+
+
+def use_deepspeed_overrides(overrides: dict) -> None:
+    """Merge `overrides` into every DeepSpeed config the trainer builds from now on (diagnosis only)."""
+    from eva.train import engine as engine_lib
+
+    trainer_config = engine_lib.deepspeed_config
+    engine_lib.deepspeed_config = lambda cfg: merge_config(trainer_config(cfg), overrides)
 
 
 def phase_times(torch, engine, batches, ctx, dist_info, steps: int = 5) -> dict:

@@ -83,9 +83,16 @@ def test_float8_matmuls_run_through_the_trainer_eager_and_compiled(tiny_train_di
     assert [r["loss"] for r in read_log(tmp_path / "compiled")] == pytest.approx([r["loss"] for r in fp8], rel=1e-3)
 
 
-# the trainer's own main(), with every fsync and rename it makes appended to $DISK_LOG as it happens
+# the trainer's own main(), run by `python -c PATCH + TRAINER_MAIN -m eva.train --config ...`
+TRAINER_MAIN = """
+import sys
+from eva.train.main import main
+sys.exit(main(sys.argv[3:]))  # argv: -c -m eva.train --config ...
+"""
+
+# every fsync and rename the trainer makes, appended to $DISK_LOG as it happens
 RECORD_DISK_WRITES = """
-import json, os, sys
+import json, os
 log = open(os.environ["DISK_LOG"], "a")
 real_fsync, real_replace = os.fsync, os.replace
 def record(*event):
@@ -98,8 +105,6 @@ def replace(src, dst, **kwargs):
     real_replace(src, dst, **kwargs)
     record("replace", os.path.realpath(dst))
 os.fsync, os.replace = fsync, replace
-from eva.train.main import main
-sys.exit(main(sys.argv[3:]))  # argv: -c -m eva.train --config ...
 """
 
 
@@ -108,7 +113,7 @@ def test_every_file_of_a_checkpoint_is_on_disk_before_latest_names_it(tiny_train
     monkeypatch.setenv("DISK_LOG", str(tmp_path / "disk.jsonl"))
     run_dir = tmp_path / "run"
     run_trainer(f"data.train={tiny_train_dir}", "train.steps=3", "checkpoint.every=3", *FAST, f"run_dir={run_dir}",
-                launcher=[sys.executable, "-c", RECORD_DISK_WRITES])
+                launcher=[sys.executable, "-c", RECORD_DISK_WRITES + TRAINER_MAIN])
     events = [tuple(json.loads(line)) for line in (tmp_path / "disk.jsonl").read_text().splitlines()]
     checkpoints = (run_dir / "checkpoints").resolve()
     named = events.index(("replace", str(checkpoints / "latest")))
@@ -250,9 +255,8 @@ def test_fp16_overflow_at_the_minimum_loss_scale_stops_naming_the_step_and_last_
     assert f"Last good checkpoint: {run_dir / 'checkpoints' / 'step_00000001'}" in result.stderr
 
 
-# the trainer's main(), where the third step raises what DeepSpeed's fp16 scaler raises at its minimum
+# the third step raises what DeepSpeed's fp16 scaler raises at its minimum
 SCALER_GIVES_UP_AT_STEP_3 = """
-import sys
 from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
 import eva.train.loop as loop
 real_step, calls = loop.train_one_step, []
@@ -263,8 +267,6 @@ def train_one_step(*args, **kwargs):
                           consecutive_hysteresis=False).update_scale(True)
     return real_step(*args, **kwargs)
 loop.train_one_step = train_one_step
-from eva.train.main import main
-sys.exit(main(sys.argv[3:]))  # argv: -c -m eva.train --config ...
 """
 
 
@@ -272,7 +274,7 @@ def test_deepspeeds_scaler_giving_up_stops_like_a_nonfinite_run(tiny_train_dir, 
     """The loop's side of it on the CPU (the fp16 run itself needs CUDA: the test above)."""
     run_dir = tmp_path / "run"
     result = run_trainer(f"data.train={tiny_train_dir}", f"run_dir={run_dir}", "train.steps=5", "checkpoint.every=2",
-                         *FAST, launcher=[sys.executable, "-c", SCALER_GIVES_UP_AT_STEP_3], check=False)
+                         *FAST, launcher=[sys.executable, "-c", SCALER_GIVES_UP_AT_STEP_3 + TRAINER_MAIN], check=False)
     assert result.returncode == 1, result.stderr[-3000:]
     assert (f"fp16 gradients overflowed at the minimum loss scale (loss_scale.min_scale = 1) at step 3; stopping. "
             f"Last good checkpoint: {run_dir / 'checkpoints' / 'step_00000002'}") in result.stderr
